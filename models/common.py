@@ -1,0 +1,211 @@
+"""Building blocks shared by every model family.
+
+Legend for tensor names used in this file:
+  B batch, S sequence, H hidden, N query heads, K kv heads, D head dim.
+
+Stage contract (checked by :func:`check_stage_tuple`): every pipeline layer
+except the head takes and returns ``(x, position_ids, doc_ids)`` where
+``x`` is either the int64 token ids (first layer) or the float hidden state
+``[B, S, H]``, and ``position_ids``/``doc_ids`` are int64 ``[B, S]``.
+``doc_ids`` numbers the packed documents of a row; attention never crosses a
+change of ``doc_id``.  Only one float tensor ever crosses a stage boundary,
+which is what DeepSpeed's pipeline engine expects.
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+StageTuple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def check_stage_tuple(inputs: StageTuple, where: str) -> StageTuple:
+    if not isinstance(inputs, tuple) or len(inputs) != 3:
+        raise TypeError(f"{where}: expected (x, position_ids, doc_ids), got {type(inputs).__name__}")
+    _, pos, doc = inputs
+    if pos.dtype != torch.long or doc.dtype != torch.long:
+        raise TypeError(f"{where}: position_ids/doc_ids must be int64, got {pos.dtype}/{doc.dtype}")
+    return inputs
+
+
+# ---------------------------------------------------------------------------
+# Norms
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32.
+
+    ``weight_in_fp32`` picks where the weight multiply happens: llama casts the
+    normalised activations back first (``w * x.to(dtype)``), chatglm multiplies
+    in fp32 and casts afterwards.  Both agree exactly in fp32.
+    """
+
+    def __init__(self, hidden: int, eps: float, weight_in_fp32: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+        self.weight_in_fp32 = weight_in_fp32
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        dtype = x_BSH.dtype
+        x = x_BSH.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:
+            return (self.weight.float() * x).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Rotary embeddings
+
+
+class RopeCache:
+    """cos/sin tables for one inv_freq vector, computed in fp32.
+
+    inv_freq is deliberately not a module buffer: DeepSpeed casts every buffer
+    to bf16/fp16 with the module, which ruins the frequencies.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+        self.inv_freq = inv_freq.float()
+        self.scaling = scaling
+        # Holding the key tensor itself keeps its memory alive, so identity is a
+        # safe cache test: all layers of a stage see the same position tensor.
+        self._key: torch.Tensor | None = None
+        self._value = None
+
+    def cos_sin(self, position_ids_BS: torch.Tensor):
+        if self._key is not position_ids_BS:
+            inv = self.inv_freq.to(position_ids_BS.device)
+            freqs = position_ids_BS[..., None].float() * inv  # [B,S,D/2]
+            self._value = (freqs.cos() * self.scaling, freqs.sin() * self.scaling)
+            self._key = position_ids_BS
+        return self._value
+
+
+def rope_rotate_half(x_BNSD: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor) -> torch.Tensor:
+    """NeoX-style rope over the full head dim (llama, baichuan2)."""
+    dtype = x_BNSD.dtype
+    cos = torch.cat((cos_BSd, cos_BSd), -1).unsqueeze(1).to(dtype)
+    sin = torch.cat((sin_BSd, sin_BSd), -1).unsqueeze(1).to(dtype)
+    half = x_BNSD.shape[-1] // 2
+    x1, x2 = x_BNSD[..., :half], x_BNSD[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x_BNSD * cos + rotated * sin
+
+
+def rope_rotate_half_fp32(x_BNSD: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor) -> torch.Tensor:
+    """Same as :func:`rope_rotate_half` but computed in fp32 and cast back (baichuan2)."""
+    return rope_rotate_half(x_BNSD.float(), cos_BSd, sin_BSd).to(x_BNSD.dtype)
+
+
+def rope_interleaved_partial(x_BNSD: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor) -> torch.Tensor:
+    """chatglm rope: interleaved pairs over the first 2*len(inv_freq) dims; the rest passes through."""
+    rot = cos_BSd.shape[-1] * 2
+    x_rot, x_pass = x_BNSD[..., :rot], x_BNSD[..., rot:]
+    xr = x_rot.float().unflatten(-1, (-1, 2))  # [B,N,S,d,2]
+    cos = cos_BSd.unsqueeze(1)
+    sin = sin_BSd.unsqueeze(1)
+    out = torch.stack((xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 1] * cos + xr[..., 0] * sin), -1)
+    return torch.cat((out.flatten(-2).to(x_BNSD.dtype), x_pass), dim=-1)
+
+
+def default_inv_freq(dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+# ---------------------------------------------------------------------------
+# Attention
+
+
+def doc_causal_mask(doc_ids_BS: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean [B,1,S,S] mask: causal and block-diagonal over documents."""
+    S = doc_ids_BS.shape[1]
+    idx = torch.arange(S, device=doc_ids_BS.device)
+    causal = idx[None, :] <= idx[:, None]
+    if window is not None:
+        causal = causal & (idx[:, None] - idx[None, :] < window)
+    same_doc = doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]
+    return (same_doc & causal).unsqueeze(1)
+
+
+class MaskCache:
+    """Builds the attention mask once per micro-batch and shares it between layers."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._mask = None
+
+    def get(self, doc_ids_BS: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        if self._key is None or self._key[0] is not doc_ids_BS or self._key[1] != window:
+            self._mask = doc_causal_mask(doc_ids_BS, window)
+            self._key = (doc_ids_BS, window)
+        return self._mask
+
+
+MASKS = MaskCache()
+
+
+def sdpa_attention(q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, doc_ids_BS: torch.Tensor,
+                   window: int | None = None, bias_BNSS: torch.Tensor | None = None,
+                   softmax_fp32: bool = False) -> torch.Tensor:
+    """Causal, document-masked attention. Returns [B,S,N*D]."""
+    B, N, S, D = q_BNSD.shape
+    mask = MASKS.get(doc_ids_BS, window)
+    if bias_BNSS is not None or softmax_fp32:
+        # explicit path (alibi): bias added before softmax, softmax in fp32
+        scores = torch.matmul(q_BNSD, _repeat_kv(k_BKSD, N).transpose(-1, -2)) / math.sqrt(D)
+        scores = scores.float()
+        if bias_BNSS is not None:
+            scores = scores + bias_BNSS
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(q_BNSD.dtype)
+        out = torch.matmul(probs, _repeat_kv(v_BKSD, N))
+    else:
+        out = F.scaled_dot_product_attention(q_BNSD, k_BKSD, v_BKSD, attn_mask=mask,
+                                             enable_gqa=k_BKSD.shape[1] != N)
+    return out.transpose(1, 2).reshape(B, S, N * D)
+
+
+def _repeat_kv(x_BKSD: torch.Tensor, n_heads: int) -> torch.Tensor:
+    K = x_BKSD.shape[1]
+    if K == n_heads:
+        return x_BKSD
+    return x_BKSD.repeat_interleave(n_heads // K, dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Loss
+
+
+class TokenLoss:
+    """Next-token cross entropy, summed over trained tokens and divided by a normaliser.
+
+    Labels are already shifted by the data pipeline (``labels[t]`` is the
+    target for position ``t``; -100 is ignored).  The trainer sets
+    ``scale = grad_accum * dp / trained_tokens_in_step`` before each step so
+    the engine's per-micro-batch averaging turns into a token-weighted mean
+    over the whole optimizer step.  With ``scale=None`` the loss is the
+    micro-batch token mean.
+    """
+
+    def __init__(self, z_loss_weight: float = 0.0):
+        self.scale: float | None = None
+        self.z_loss_weight = z_loss_weight
+        self.__name__ = "TokenLoss"
+
+    def __call__(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        logits = logits_BSV.float().flatten(0, 1)
+        labels = labels_BS.flatten()
+        loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        if self.z_loss_weight:
+            valid = labels != -100
+            # baichuan2's auxiliary term: weight * mean(max(logits)^2) over trained tokens
+            z = logits[valid].max(-1).values
+            loss_sum = loss_sum + self.z_loss_weight * (z ** 2).sum()
+        if self.scale is None:
+            n = (labels != -100).sum().clamp(min=1)
+            return loss_sum / n
+        return loss_sum * self.scale

@@ -1,0 +1,177 @@
+"""What every model family provides, and the generic machinery built on it.
+
+Every family lays its pipeline out the same way::
+
+    index 0          embed       token embedding (+ family extras)
+    index 1..L       layers.{i}  decoder blocks
+    index L+1        norm        final norm
+    index L+2        head        output projection (a TiedLayerSpec when tied)
+
+A *pipeline name* is ``<slot>.<local key>``, e.g. ``layers.3.self_attn.q_proj.weight``;
+its layer file is ``layer_{index:02d}-model_states.pt`` holding ``{local key: tensor}``.
+The HF <-> pipeline key map is a declarative list of prefix rules per family.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+
+@dataclass
+class KeyMap:
+    """Prefix rules between HF names and pipeline names.
+
+    ``rules``: ``(hf_prefix, pp_prefix)``; ``{}`` stands for the layer index.
+    The first rule for a pp prefix is the one used on export; later ones are
+    accepted aliases on import (e.g. bloom without ``transformer.``).
+    ``drop``: HF keys (regex) that are deliberately ignored on import.
+    """
+
+    rules: list[tuple[str, str]]
+    drop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._fwd = [(_prefix_regex(h), p) for h, p in self.rules]
+        seen: dict[str, str] = {}
+        for h, p in self.rules:
+            seen.setdefault(p, h)
+        self._back = [(_prefix_regex(p), h) for p, h in seen.items()]
+        self._drop = [re.compile(d) for d in self.drop]
+
+    def to_pp(self, hf_key: str) -> str | None:
+        """Pipeline name for an HF key, None if deliberately dropped. KeyError if unknown."""
+        if any(d.fullmatch(hf_key) for d in self._drop):
+            return None
+        return _apply(self._fwd, hf_key)
+
+    def to_hf(self, pp_key: str) -> str:
+        return _apply(self._back, pp_key)
+
+
+def _prefix_regex(prefix: str) -> re.Pattern:
+    return re.compile(re.escape(prefix).replace(re.escape("{}"), r"(\d+)"))
+
+
+def _apply(rules: list[tuple[re.Pattern, str]], key: str) -> str:
+    for pattern, target in rules:
+        m = pattern.match(key)
+        if m:
+            out = target.replace("{}", m.group(1)) if m.groups() else target
+            return out + key[m.end():]
+    raise KeyError(key)
+
+
+class Family:
+    """Base class of a model family. Subclasses fill in the class attributes and hooks."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    decoder_class: type | None = None  # checkpointed by use_grad_ckpt
+    default_template: str = "plain"
+
+    # --- hooks every family implements -------------------------------------------------
+    def parse_config(self, cfg: dict) -> Any:
+        raise NotImplementedError
+
+    def num_layers(self, args: Any) -> int:
+        return args.num_layers
+
+    def is_tied(self, args: Any) -> bool:
+        return False
+
+    def build_specs(self, args: Any) -> list:
+        """[embed, layers..., norm, head] as LayerSpec/TiedLayerSpec."""
+        raise NotImplementedError
+
+    def key_map(self, args: Any) -> KeyMap:
+        raise NotImplementedError
+
+    def loss_fn(self, args: Any):
+        from .common import TokenLoss
+        return TokenLoss()
+
+    def export_extra(self, args: Any) -> dict[str, torch.Tensor]:
+        """HF tensors that are not trained but belong in an exported checkpoint."""
+        return {}
+
+    def export_layout(self, args: Any) -> str:
+        """'safetensors' or 'bin': the file layout pp_to_hg writes by default."""
+        return "safetensors"
+
+    # --- generic machinery ----------------------------------------------------------------
+    def num_pipe_layers(self, args: Any) -> int:
+        return self.num_layers(args) + 3
+
+    def slot_of(self, args: Any, index: int) -> str:
+        L = self.num_layers(args)
+        if index == 0:
+            return "embed"
+        if 1 <= index <= L:
+            return f"layers.{index - 1}"
+        return "norm" if index == L + 1 else "head"
+
+    def locate(self, args: Any, pp_key: str) -> tuple[int, str]:
+        """Pipeline name -> (layer file index, key inside that file)."""
+        L = self.num_layers(args)
+        m = re.match(r"layers\.(\d+)\.(.+)$", pp_key)
+        if m:
+            i = int(m.group(1))
+            if i >= L:
+                raise KeyError(pp_key)
+            return 1 + i, m.group(2)
+        slot, _, rest = pp_key.partition(".")
+        index = {"embed": 0, "norm": L + 1, "head": L + 2}.get(slot)
+        if index is None or not rest:
+            raise KeyError(pp_key)
+        return index, rest
+
+    def layer_names(self, args: Any) -> list[str]:
+        names = []
+        for spec in self.build_specs(args):
+            if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
+                names.append(f"{spec.typename.__name__}(tied:{spec.key})")
+            else:
+                names.append(spec.typename.__name__)
+        return names
+
+    def expected_shapes(self, args: Any) -> dict[int, dict[str, tuple[torch.Size, torch.dtype]]]:
+        """Layer index -> {local key: shape}, built on the meta device (no memory)."""
+        out: dict[int, dict[str, Any]] = {}
+        with torch.device("meta"):
+            for idx, spec in enumerate(self.build_specs(args)):
+                if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
+                    continue  # re-use of a tied module: no file of its own
+                module = spec.build()
+                out[idx] = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        return out
+
+    def layer_param_counts(self, args: Any) -> list[int]:
+        counts = []
+        with torch.device("meta"):
+            for spec in self.build_specs(args):
+                if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
+                    counts.append(0)
+                else:
+                    counts.append(sum(p.numel() for p in spec.build().parameters()))
+        return counts
+
+
+def tied_head_spec(key: str, module_cls: type, args: Any, forward_fn) -> TiedLayerSpec:
+    return TiedLayerSpec(key, module_cls, args, forward_fn=forward_fn, tied_weight_attr="weight")
+
+
+def init_linear_(module: torch.nn.Module, std: float) -> None:
+    """HF-style init: normal(0, std) for Linear/Embedding weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            if m.weight.device.type != "meta":
+                torch.nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None and m.bias.device.type != "meta":
+                torch.nn.init.zeros_(m.bias)
+
+
+__all__ = ["Family", "KeyMap", "LayerSpec", "TiedLayerSpec", "tied_head_spec", "init_linear_"]
