@@ -87,7 +87,7 @@ def _copy_side_files(src: str, dst: str) -> list[str]:
         path = os.path.join(src, name)
         if not os.path.isfile(path) or name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEXES:
             continue
-        if name.startswith("layer_") or name in (META_FILE, "latest") or name.startswith("mp_rank_"):
+        if name.startswith(("layer_", "mp_rank_", "ppllm")) or name == "latest":
             continue
         shutil.copy2(path, os.path.join(dst, name))
         copied.append(name)

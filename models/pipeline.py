@@ -42,7 +42,7 @@ def stage_bounds(num_layers: int, num_stages: int, parts: Sequence[int] | None,
         return bounds
     if costs is None:
         costs = [1.0] * num_layers
-    bounds = list(partition_balanced(list(costs), num_stages))
+    bounds = [int(b) for b in partition_balanced(list(costs), num_stages)]
     # balanced partition may leave a stage empty for tiny models; fall back to uniform
     if any(bounds[i] == bounds[i + 1] for i in range(num_stages)):
         from deepspeed.runtime.utils import partition_uniform
@@ -54,7 +54,7 @@ class PipeModel(PipelineModule):
     """PipelineModule that honours an explicit per-stage layer count (``model_topo.parts``)."""
 
     def __init__(self, layers, *, bounds: list[int], **kwargs):
-        self._ppllm_bounds = list(bounds)
+        self._ppllm_bounds = [int(b) for b in bounds]
         super().__init__(layers, **kwargs)
 
     def _partition_layers(self, method: str = "uniform") -> None:

@@ -1,0 +1,336 @@
+"""The run configuration (``configs/ds_config_pp.yml``): schema, validation, overrides.
+
+One YAML holds three kinds of keys:
+  * the topology (``model_topo``),
+  * ppllm's run settings (paths, lengths, schedule, switches),
+  * DeepSpeed's own keys, passed through to ``deepspeed.initialize``.
+
+Everything is checked before any process group starts, and every problem is
+reported at once with the key and the fix.
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Top-level keys DeepSpeed understands; they are passed through untouched.
+DEEPSPEED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "zero_optimization", "gradient_clipping", "steps_per_print",
+    "wall_clock_breakdown", "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "activation_checkpointing", "pipeline", "tensorboard", "wandb", "csv_monitor",
+    "comet", "comms_logger", "flops_profiler", "data_types", "communication_data_type", "checkpoint",
+    "dump_state", "memory_breakdown", "sparse_gradients", "timers", "compile", "aio", "dataloader_drop_last",
+    "disable_allgather", "torch_autocast", "seq_parallel_communication_data_type", "graph_harvesting",
+    "use_data_before_expert_parallelism", "load_universal_checkpoint", "elasticity",
+}
+
+
+class Topology(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    axes: list[str] = Field(default=["pipe", "data"], description="must be [pipe, data]")
+    dims: list[int] = Field(description="[pipeline stages, data-parallel replicas]")
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v):
+        if v != ["pipe", "data"]:
+            raise ValueError("must be [pipe, data]")
+        return v
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, v):
+        if len(v) != 2 or any(d < 1 for d in v):
+            raise ValueError("must be two positive integers [pipe, data], e.g. [2, 1]")
+        return v
+
+
+class ModelTopo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    process_topology: Topology
+    #: layers per pipeline stage; omitted or "auto" balances compute
+    parts: list[int] | Literal["auto"] | None = None
+
+
+class RunConfig(BaseModel):
+    """ppllm's own keys. DeepSpeed keys live in ``ds`` (not declared here)."""
+    model_config = ConfigDict(extra="forbid")
+
+    model_topo: ModelTopo
+    #: folder written by ``convert_model.py hg_to_pp`` (or a training checkpoint tag folder)
+    model_path: str
+    #: initialise weights randomly instead of loading layer files (config.json still from model_path)
+    from_scratch: bool = False
+    #: where checkpoints and metrics.jsonl go
+    save_path: str
+    #: one file, a list of files, or glob patterns (JSON array or JSON Lines)
+    data_path: str | list[str]
+    #: tokenizer folder; defaults to model_path
+    tokenizer_path: str | None = None
+    #: every micro-batch is [micro_batch, max_seq_len] tokens
+    max_seq_len: int = Field(default=1024, ge=8)
+    #: passes over the data
+    n_epoches: int = Field(default=1, ge=1)
+    #: stop after this many optimizer steps (beats n_epoches)
+    max_steps: int | None = Field(default=None, ge=1)
+    #: save a checkpoint every N optimizer steps (and always at the end)
+    save_interval: int | None = Field(default=None, ge=1)
+    seed: int = 42
+    #: checkpoint every decoder layer's activations (non-reentrant)
+    use_grad_ckpt: bool = False
+    #: flash-attn 2 on CUDA when installed; otherwise SDPA with a notice
+    use_flash_attn: bool = False
+    #: pack several samples per row (attention never crosses documents); false pads each sample
+    packing: bool = True
+    #: prompt template: auto picks from the model config
+    template: Literal["auto", "plain", "llama2", "llama3", "chatglm3", "baichuan2"] = "auto"
+    #: what to do with a sample longer than max_seq_len
+    overlong: Literal["truncate", "drop"] = "truncate"
+    #: print the loss every N steps on rank 0 (0 = progress bar only)
+    log_interval: int = Field(default=1, ge=0)
+
+
+PPLLM_KEYS = set(RunConfig.model_fields) | {"epochs"}
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n" +
+                         "\n".join(f"  - {p}" for p in problems))
+
+
+class Config:
+    """Validated run settings plus the DeepSpeed dict."""
+
+    def __init__(self, run: RunConfig, ds: dict, source: str):
+        self.run = run
+        self.ds = ds
+        self.source = source
+
+    @property
+    def pipe(self) -> int:
+        return self.run.model_topo.process_topology.dims[0]
+
+    @property
+    def data(self) -> int:
+        return self.run.model_topo.process_topology.dims[1]
+
+    @property
+    def world_size(self) -> int:
+        return self.pipe * self.data
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.ds["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.ds["gradient_accumulation_steps"])
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.run.tokenizer_path or self.run.model_path
+
+    def data_files(self) -> list[str]:
+        return expand_data_paths(self.run.data_path)
+
+
+def expand_data_paths(data_path: str | list[str]) -> list[str]:
+    items = [data_path] if isinstance(data_path, str) else list(data_path)
+    files: list[str] = []
+    for item in items:
+        if any(ch in item for ch in "*?["):
+            files += sorted(glob.glob(item))
+        else:
+            files.append(item)
+    return files
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. --set max_steps=10")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part} is not a mapping")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str, overrides: list[str] | None = None, world_size: int | None = None,
+                check_paths: bool = True) -> Config:
+    """Load, override, validate. Raises ConfigError listing every problem."""
+    if not os.path.isfile(path):
+        raise ConfigError(path, [f"config file not found: {path}"])
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(path, [f"not valid YAML: {e}"])
+    if not isinstance(raw, dict):
+        raise ConfigError(path, ["the top level must be a mapping of keys"])
+    try:
+        raw = apply_overrides(raw, overrides or [])
+    except ValueError as e:
+        raise ConfigError(path, [str(e)])
+    return validate(raw, path, world_size, check_paths)
+
+
+def validate(raw: dict, source: str, world_size: int | None = None, check_paths: bool = True) -> Config:
+    problems: list[str] = []
+    raw = dict(raw)
+    if "epochs" in raw:
+        if "n_epoches" in raw:
+            problems.append("epochs and n_epoches both given: keep one")
+        raw["n_epoches"] = raw.pop("epochs")
+
+    run_raw = {k: v for k, v in raw.items() if k in RunConfig.model_fields}
+    ds = {k: v for k, v in raw.items() if k in DEEPSPEED_KEYS}
+    for key in raw:
+        if key not in RunConfig.model_fields and key not in DEEPSPEED_KEYS:
+            guess = difflib.get_close_matches(key, sorted(PPLLM_KEYS | DEEPSPEED_KEYS), n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else "; remove it"
+            problems.append(f"{key}: unknown key{hint}")
+
+    run: RunConfig | None = None
+    try:
+        run = RunConfig(**run_raw)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "missing":
+                problems.append(f"{loc}: required key is missing; add it to the config")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"{loc}: unknown key; remove it")
+            else:
+                problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+
+    problems += _check_batch(ds, run)
+    if run is not None:
+        pipe, data = run.model_topo.process_topology.dims
+        if world_size is not None and pipe * data != world_size:
+            problems.append(_world_size_message(pipe, data, world_size))
+        if check_paths:
+            problems += _check_paths(run)
+        problems += _check_parts(run, check_paths)
+        if run.max_seq_len % 8:
+            pass  # allowed; a multiple of 8 is faster on GPUs
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(run, ds, source)
+
+
+def _world_size_message(pipe: int, data: int, world: int) -> str:
+    fits = [f"[{p}, {world // p}]" for p in range(1, world + 1) if world % p == 0]
+    return (f"model_topo.process_topology.dims: [{pipe}, {data}] needs {pipe * data} processes, but "
+            f"{world} were launched. Launch with `deepspeed --num_gpus {pipe * data}` (or a hostfile with "
+            f"{pipe * data} slots in total), or set dims to one of {', '.join(fits)} for {world} processes")
+
+
+def _check_batch(ds: dict, run: RunConfig | None) -> list[str]:
+    problems = []
+    mbs = ds.get("train_micro_batch_size_per_gpu")
+    gas = ds.get("gradient_accumulation_steps")
+    tbs = ds.get("train_batch_size")
+    dp = run.model_topo.process_topology.dims[1] if run else None
+    for key, v in (("train_micro_batch_size_per_gpu", mbs), ("gradient_accumulation_steps", gas),
+                   ("train_batch_size", tbs)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            problems.append(f"{key}: must be a positive integer (got {v!r})")
+            return problems
+    if mbs is None:
+        mbs = 1
+        ds["train_micro_batch_size_per_gpu"] = 1
+    if gas is None:
+        if tbs is not None and dp:
+            if tbs % (mbs * dp):
+                problems.append(f"train_batch_size: {tbs} is not divisible by micro batch {mbs} x data {dp}; "
+                                f"use a multiple of {mbs * dp}")
+                return problems
+            gas = tbs // (mbs * dp)
+        else:
+            gas = 1
+        ds["gradient_accumulation_steps"] = gas
+    if tbs is not None and dp and tbs != mbs * gas * dp:
+        problems.append(f"train_batch_size: {tbs} != micro batch {mbs} x gradient_accumulation_steps {gas} x "
+                        f"data {dp} = {mbs * gas * dp}; drop train_batch_size or make them agree")
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it from the other two and the topology
+    return problems
+
+
+def _check_paths(run: RunConfig) -> list[str]:
+    problems = []
+    mp = run.model_path
+    if not os.path.isdir(mp):
+        problems.append(f"model_path: folder {mp!r} does not exist; create it with "
+                        f"`python convert_model.py hg_to_pp --input-path HF_DIR --save-path {mp}`")
+    elif not os.path.isfile(os.path.join(mp, "config.json")):
+        problems.append(f"model_path: {mp!r} has no config.json; point it at a folder made by hg_to_pp")
+    elif not run.from_scratch and not os.path.isfile(os.path.join(mp, "layer_00-model_states.pt")):
+        problems.append(f"model_path: {mp!r} has no layer files (layer_00-model_states.pt); convert a HF "
+                        f"checkpoint with hg_to_pp, or set from_scratch: true")
+    tp = run.tokenizer_path or mp
+    if run.tokenizer_path is not None and not os.path.isdir(tp):
+        problems.append(f"tokenizer_path: folder {tp!r} does not exist")
+    files = expand_data_paths(run.data_path)
+    if not files:
+        problems.append(f"data_path: {run.data_path!r} matches no file")
+    for f in files:
+        if not os.path.isfile(f):
+            problems.append(f"data_path: file {f!r} does not exist")
+    if os.path.exists(run.save_path) and not os.path.isdir(run.save_path):
+        problems.append(f"save_path: {run.save_path!r} exists and is not a folder")
+    return problems
+
+
+def _check_parts(run: RunConfig, check_paths: bool) -> list[str]:
+    parts = run.model_topo.parts
+    pipe = run.model_topo.process_topology.dims[0]
+    if parts is None or parts == "auto":
+        n = _pipe_layers(run) if check_paths else None
+        if n is not None and n < pipe:
+            return [f"model_topo.process_topology.dims: {pipe} pipeline stages but the model has only {n} "
+                    f"pipeline layers; use at most {n} stages"]
+        return []
+    problems = []
+    if len(parts) != pipe:
+        problems.append(f"model_topo.parts: {len(parts)} entries but {pipe} pipeline stages (dims[0]); "
+                        f"give one layer count per stage, or use parts: auto")
+    if any(p < 1 for p in parts):
+        problems.append(f"model_topo.parts: {parts} has a stage with no layers; every stage needs at least one")
+    n = _pipe_layers(run) if check_paths else None
+    if n is not None and sum(parts) != n:
+        problems.append(f"model_topo.parts: {parts} sums to {sum(parts)}, but the model has {n} pipeline layers "
+                        f"(embedding + decoder layers + final norm + head); e.g. "
+                        f"{_even_parts(n, len(parts))}, or parts: auto")
+    return problems
+
+
+def _even_parts(n: int, stages: int) -> list[int]:
+    base, extra = divmod(n, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def _pipe_layers(run: RunConfig) -> int | None:
+    try:
+        from models import load_family
+        fam, args = load_family(run.model_path)
+        return fam.num_pipe_layers(args)
+    except Exception:
+        return None
