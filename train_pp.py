@@ -104,13 +104,48 @@ def ds_config(cfg: Config) -> dict:
     return ds
 
 
-def train(cfg: Config, quiet: bool = False) -> None:
+def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
+                 grad_ckpt: bool, model_path: str | None):
+    """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    from models.pipeline import PipeModel
+    topo = PipeDataParallelTopology(num_pp=pipe, num_dp=data)
+    loss_fn = family.loss_fn(margs)
+    model = PipeModel(family.build_specs(margs), bounds=bounds, topology=topo, loss_fn=loss_fn,
+                      seed_layers=True, base_seed=seed,
+                      activation_checkpoint_interval=1 if grad_ckpt else 0,
+                      checkpointable_layers=[family.decoder_class.__name__] if grad_ckpt else None)
+    if model_path is not None:
+        model.load_layer_files(model_path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=params)
+    return engine, loss_fn, topo
+
+
+def train_step(engine, loss_fn, batches: list | None) -> float:
+    """One optimizer step whose loss is the token-weighted mean over every micro-batch and replica.
+
+    The engine averages per-micro-batch losses over grad-accum steps and data-parallel
+    replicas; scaling each micro-batch's summed loss by gas * dp / (trained tokens of
+    the whole step) turns that average into sum / count.
+    """
+    from data.dataset import trained_tokens
+    if engine.is_last_stage():
+        grid = engine.grid
+        n_tok = torch.tensor([float(trained_tokens(batches))], dtype=torch.float64)
+        torch.distributed.all_reduce(n_tok, group=grid.get_data_parallel_group())
+        dp = grid.get_data_parallel_world_size()
+        loss_fn.scale = engine.gradient_accumulation_steps() * dp / max(1.0, float(n_tok))
+    return float(engine.train_batch(iter(batches) if batches is not None else None))
+
+
+def train(cfg: Config, quiet: bool = False) -> None:
+    import deepspeed
     from tqdm import tqdm
 
-    from data.dataset import StepLoader, trained_tokens
-    from models.pipeline import PipeModel
+    from data.dataset import StepLoader
 
     deepspeed.init_distributed(dist_backend=None)
     rank = torch.distributed.get_rank()
@@ -118,16 +153,9 @@ def train(cfg: Config, quiet: bool = False) -> None:
     torch.manual_seed(cfg.run.seed)
 
     family, margs, bounds = plan(cfg)
-    topo = PipeDataParallelTopology(num_pp=cfg.pipe, num_dp=cfg.data)
-    loss_fn = family.loss_fn(margs)
-    model = PipeModel(family.build_specs(margs), bounds=bounds, topology=topo, loss_fn=loss_fn,
-                      seed_layers=True, base_seed=cfg.run.seed,
-                      activation_checkpoint_interval=1 if cfg.run.use_grad_ckpt else 0,
-                      checkpointable_layers=[family.decoder_class.__name__] if cfg.run.use_grad_ckpt else None)
-    if not cfg.run.from_scratch:
-        model.load_layer_files(cfg.run.model_path)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config(cfg), model_parameters=params)
+    engine, loss_fn, topo = build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds_config(cfg), cfg.run.seed,
+                                         cfg.run.use_grad_ckpt,
+                                         None if cfg.run.from_scratch else cfg.run.model_path)
 
     is_first, is_last = engine.is_first_stage(), engine.is_last_stage()
     grid = engine.grid
@@ -148,6 +176,8 @@ def train(cfg: Config, quiet: bool = False) -> None:
 
     os.makedirs(cfg.run.save_path, exist_ok=True)
     metrics_path = os.path.join(cfg.run.save_path, "metrics.jsonl")
+    if rank == 0 and os.path.exists(metrics_path):  # keep an earlier run's curve rather than mixing or losing it
+        os.replace(metrics_path, f"{metrics_path}.{time.strftime('%Y%m%d-%H%M%S')}")
     # a live bar on a terminal; plain log lines every log_interval steps otherwise (CI, files)
     bar = tqdm(total=total, desc="train", disable=quiet or rank != 0 or not sys.stderr.isatty(),
                dynamic_ncols=True)
@@ -156,23 +186,18 @@ def train(cfg: Config, quiet: bool = False) -> None:
     for step in range(1, total + 1):
         t0 = time.time()
         batches = loader.next_step() if loader is not None else None
-        n_tok = torch.tensor([trained_tokens(batches) if (batches and is_last) else 0], dtype=torch.float64)
-        if is_last:
-            torch.distributed.all_reduce(n_tok, group=grid.get_data_parallel_group())
-            # token-weighted mean over the whole step: the engine divides by grad accum and dp size
-            loss_fn.scale = cfg.grad_accum * dp_size / max(1.0, float(n_tok))
-        loss = engine.train_batch(iter(batches) if batches is not None else None)
+        loss = train_step(engine, loss_fn, batches)
         dt = time.time() - t0
         if rank == 0:
-            rec = {"step": step, "loss": float(loss), "lr": engine.get_lr()[0] if engine.get_lr() else None,
-                   "step_time": round(dt, 4)}
+            lrs = engine.get_lr()
+            rec = {"step": step, "loss": loss, "lr": float(lrs[0]) if lrs else 0.0, "step_time": round(dt, 4)}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
             if not quiet and bar.disable and cfg.run.log_interval and (
                     step % cfg.run.log_interval == 0 or step in (1, total)):
-                print(f"step {step}/{total} loss {float(loss):.4f} lr {rec['lr']:.3g} "
+                print(f"step {step}/{total} loss {loss:.4f} lr {rec['lr']:.3g} "
                       f"({dt:.2f}s/step)", flush=True)
         if cfg.run.save_interval and step % cfg.run.save_interval == 0 and step != total:
             save(engine, cfg, step, bounds, topo)

@@ -56,6 +56,13 @@ class PipeModel(PipelineModule):
     def __init__(self, layers, *, bounds: list[int], **kwargs):
         self._ppllm_bounds = [int(b) for b in bounds]
         super().__init__(layers, **kwargs)
+        # DeepSpeed's fp32 gradient clipping (runtime.utils.clip_grad_norm_) sums norms over the
+        # pipeline group but only counts parameters of stage 0 unless a parameter is flagged
+        # model-parallel, so later stages were ignored. Flag every parameter this stage owns;
+        # tied copies on non-owner stages stay unflagged so they are counted once.
+        # Proven by tests/test_pipeline_grad.py (clip scenarios).
+        for p in self.parameters():
+            p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
 
     def _partition_layers(self, method: str = "uniform") -> None:
         stage_id = self._topo.get_coord(self.global_rank).pipe

@@ -1,0 +1,59 @@
+"""Runs inside `deepspeed --num_gpus N`: several pipeline scenarios in one launch.
+
+For each scenario: build the engine from a pipeline folder, take ONE optimizer step
+(SGD, lr 1) on synthetic batches, and dump this rank's updated layer weights and the
+reported loss. The test compares them with an unpipelined reference.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from models import load_family  # noqa: E402
+from models.pipeline import layer_costs, stage_bounds  # noqa: E402
+from tests.helpers import synthetic_batches  # noqa: E402
+from train_pp import build_engine, train_step  # noqa: E402
+
+
+def main():
+    import deepspeed
+    spec_path, out_dir = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    with open(spec_path) as f:
+        scenarios = json.load(f)
+    deepspeed.init_distributed(dist_backend=None)
+    world = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    for sc in scenarios:
+        if sc["pipe"] * sc["data"] != world:
+            continue
+        fam, margs = load_family(sc["model_dir"])
+        n = fam.num_pipe_layers(margs)
+        bounds = stage_bounds(n, sc["pipe"], sc.get("parts"), layer_costs(fam, margs))
+        ds = {"train_micro_batch_size_per_gpu": sc["mbs"], "gradient_accumulation_steps": sc["gas"],
+              "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "steps_per_print": 10 ** 9,
+              "pipeline": {"use_reentrant": False}, "gradient_clipping": sc.get("clip", 0.0)}
+        engine, loss_fn, _ = build_engine(fam, margs, bounds, sc["pipe"], sc["data"], ds, 0,
+                                          sc.get("grad_ckpt", False), sc["model_dir"])
+        dp_rank = engine.grid.get_data_parallel_rank()
+        allb = synthetic_batches(sc["seed"], sc["gas"] * sc["data"], sc["mbs"], sc["seq"], margs.vocab_size)
+        mine = allb[dp_rank * sc["gas"]:(dp_rank + 1) * sc["gas"]]
+        use = mine if (engine.is_first_stage() or engine.is_last_stage()) else None
+        loss = train_step(engine, loss_fn, use)
+        module = engine.module
+        layers = {}
+        for local, layer in enumerate(module.forward_funcs):
+            if isinstance(layer, torch.nn.Module):
+                layers[module._local_start + local] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        for key, tied in module.tied_modules.items():
+            layers[f"tied:{key}"] = {k: v.detach().clone() for k, v in tied.state_dict().items()}
+        torch.save({"loss": loss, "layers": layers, "bounds": bounds},
+                   os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))
+        torch.distributed.barrier()
+    print(f"rank {rank}: done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

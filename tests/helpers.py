@@ -1,0 +1,85 @@
+"""Shared test utilities: tiny checkpoints, synthetic batches, DeepSpeed launches."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_ASSETS = os.path.join(REPO, "..", "shared", "assets")
+PY = sys.executable
+DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script_args: list[str], nprocs: int, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N ...` on CPU with a free master port; output captured."""
+    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port())] + script_args
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e["PATH"] = os.path.dirname(PY) + os.pathsep + e.get("PATH", "")
+    if env:
+        e.update(env)
+    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def run(cmd: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def synthetic_batches(seed: int, n_micro: int, mbs: int, seq: int, vocab: int):
+    """Micro-batches of packed rows with very unequal numbers of trained tokens.
+
+    Returns a list of ((ids, pos, doc), labels). Rows hold 1-3 documents plus padding;
+    only random spans are trained, and the amount trained differs a lot between
+    micro-batches, so a mean of per-micro-batch means would give different gradients.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for m in range(n_micro):
+        ids = torch.randint(3, vocab, (mbs, seq), generator=g)
+        pos = torch.zeros(mbs, seq, dtype=torch.long)
+        doc = torch.full((mbs, seq), -1, dtype=torch.long)
+        labels = torch.full((mbs, seq), -100, dtype=torch.long)
+        for r in range(mbs):
+            at, d = 0, 0
+            n_docs = int(torch.randint(1, 4, (1,), generator=g))
+            for _ in range(n_docs):
+                n = int(torch.randint(4, seq // 2, (1,), generator=g))
+                n = min(n, seq - at)
+                if n < 2:
+                    break
+                pos[r, at:at + n] = torch.arange(n)
+                doc[r, at:at + n] = d
+                # train a span whose size depends strongly on the micro-batch index
+                frac = 0.1 if m % 2 == 0 else 0.9
+                start = int(n * (1 - frac))
+                labels[r, at + start:at + n - 1] = ids[r, at + start + 1:at + n]
+                at, d = at + n, d + 1
+        out.append(((ids, pos, doc), labels))
+    return out
+
+
+def token_weighted_loss(model, batches) -> torch.Tensor:
+    import torch.nn.functional as F
+    total = torch.zeros(())
+    count = 0
+    for inputs, labels in batches:
+        logits = model(inputs)
+        total = total + F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                        reduction="sum")
+        count += int((labels != -100).sum())
+    return total / count
