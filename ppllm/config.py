@@ -220,6 +220,12 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
                 problems.append(f"{loc}: unknown key; remove it")
             else:
                 problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        # keep checking the rest: drop the broken keys (defaults apply) and validate again
+        failing = {err["loc"][0] for err in e.errors() if err["loc"]}
+        try:
+            run = RunConfig(**{k: v for k, v in run_raw.items() if k not in failing})
+        except ValidationError:
+            run = None
 
     problems += _check_batch(ds, run)
     if run is not None:
