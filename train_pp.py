@@ -70,13 +70,13 @@ def print_plan(cfg: Config, family, margs, bounds) -> None:
               f"{sum(counts[lo:hi]) / 1e6:.2f}M params  [{layer_list}]")
 
 
-def load_data(cfg: Config, model_type: str):
+def load_data(cfg: Config, model_type: str, files: list[str] | None = None):
     from data.dataset import build_rows
     from data.templates import get_template
     from data.tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.tokenizer_path)
     template = get_template(cfg.run.template, tok, model_type)
-    rows, stats = build_rows(cfg.data_files(), template, cfg.run.max_seq_len, cfg.run.packing,
+    rows, stats = build_rows(files if files is not None else cfg.data_files(), template, cfg.run.max_seq_len, cfg.run.packing,
                              cfg.run.overlong, cfg.run.seed)
     return tok, rows, stats
 
@@ -93,10 +93,16 @@ def print_data_stats(stats) -> None:
 
 
 def ds_config(cfg: Config) -> dict:
+    """The DeepSpeed dict: the YAML's DeepSpeed keys plus ppllm's precision and defaults."""
     ds = json.loads(json.dumps(cfg.ds))
     ds.setdefault("steps_per_print", 10 ** 9)  # we do our own logging
-    pipe = ds.setdefault("pipeline", {})
-    pipe.setdefault("use_reentrant", False)
+    ds.setdefault("pipeline", {}).setdefault("use_reentrant", False)
+    precision = resolve_precision(cfg)
+    if precision == "bf16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif precision == "fp16":
+        ds.setdefault("fp16", {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                               "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1})
     opt = ds.get("optimizer")
     if opt and not torch.cuda.is_available() and opt.get("type", "").lower() in ("adam", "adamw"):
         # DeepSpeed's fused Adam needs CUDA; torch's implementation is used on CPU.
@@ -104,8 +110,55 @@ def ds_config(cfg: Config) -> dict:
     return ds
 
 
+def resolve_precision(cfg: Config) -> str:
+    for key in ("bf16", "fp16"):
+        if isinstance(cfg.ds.get(key), dict) and cfg.ds[key].get("enabled"):
+            return key
+    if cfg.run.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return cfg.run.precision
+
+
+def param_groups(model: torch.nn.Module, no_decay: list[str]) -> list[dict]:
+    """Weight decay for matrices; none for biases, norm weights and names matching no_decay."""
+    from torch import nn
+
+    from models.common import RMSNorm
+    norm_params = {id(p) for m in model.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))
+                   for p in m.parameters(recurse=False)}
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in norm_params or any(pat in name for pat in no_decay):
+            plain.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda(sched, total_steps: int):
+    """Warmup then cosine (or constant) decay to min_lr_ratio, as a LambdaLR factor."""
+    import math
+    total = sched.total_steps or total_steps
+    warm = sched.warmup_steps if sched.warmup_steps is not None else int(sched.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if sched.type == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
 def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
-                 grad_ckpt: bool, model_path: str | None):
+                 grad_ckpt: bool, model_path: str | None, no_decay: list[str] | None = None,
+                 lr_scheduler=None):
     """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
@@ -119,8 +172,9 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
                       checkpointable_layers=[family.decoder_class.__name__] if grad_ckpt else None)
     if model_path is not None:
         model.load_layer_files(model_path)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=params)
+    groups = param_groups(model, no_decay if no_decay is not None else ["bias", "norm"])
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=groups,
+                                           lr_scheduler=lr_scheduler)
     return engine, loss_fn, topo
 
 
@@ -141,86 +195,171 @@ def train_step(engine, loss_fn, batches: list | None) -> float:
     return float(engine.train_batch(iter(batches) if batches is not None else None))
 
 
+def evaluate(engine, loss_fn, loader) -> float:
+    """Token-weighted loss over the whole eval set, across micro-batches and replicas."""
+    from data.dataset import trained_tokens
+    loader.load_state_dict({"epoch": 0, "step_in_epoch": 0})
+    acc = torch.zeros(2, dtype=torch.float64)
+    for _ in range(loader.steps_per_epoch):
+        batches = loader.next_step() if loader.has_data else None
+        n = float(trained_tokens(batches)) if batches else 0.0
+        if engine.is_last_stage():
+            loss_fn.scale = engine.gradient_accumulation_steps() / max(1.0, n)
+        loss = float(engine.eval_batch(iter(batches) if batches is not None else None))
+        if engine.is_first_stage():
+            acc += torch.tensor([loss * n, n], dtype=torch.float64)
+    torch.distributed.all_reduce(acc)
+    return float(acc[0] / max(1.0, float(acc[1])))
+
+
+class _NoData:
+    """Stand-in loader for middle stages: knows the step count, holds no data."""
+    has_data = False
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+
+    def load_state_dict(self, state):
+        pass
+
+    def state_dict(self):
+        return {}
+
+
+def make_loader(cfg: Config, files: list[str], model_type: str, has_data: bool, dp_rank: int, dp_size: int,
+                announce: bool):
+    """StepLoader on data-reading ranks; every rank learns the (minimum) steps per epoch."""
+    from data.dataset import StepLoader
+    loader = None
+    steps = torch.tensor([2 ** 62], dtype=torch.long)
+    if has_data:
+        _, rows, stats = load_data(cfg, model_type, files)
+        if announce:
+            print_data_stats(stats)
+        loader = StepLoader(rows, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.run.seed)
+        loader.has_data = True
+        steps[0] = loader.steps_per_epoch
+    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
+    if loader is None:
+        loader = _NoData(int(steps))
+    loader.steps_per_epoch = int(steps)
+    return loader
+
+
 def train(cfg: Config, quiet: bool = False) -> None:
+    import random
+
     import deepspeed
+    import numpy as np
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from tqdm import tqdm
 
-    from data.dataset import StepLoader
+    from ppllm import checkpoint as ckpt
+    from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
 
     deepspeed.init_distributed(dist_backend=None)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
 
     family, margs, bounds = plan(cfg)
-    engine, loss_fn, topo = build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds_config(cfg), cfg.run.seed,
-                                         cfg.run.use_grad_ckpt,
-                                         None if cfg.run.from_scratch else cfg.run.model_path)
-
-    is_first, is_last = engine.is_first_stage(), engine.is_last_stage()
-    grid = engine.grid
-    dp_rank, dp_size = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
-
-    loader = None
-    steps_per_epoch = torch.tensor([2 ** 62], dtype=torch.long)
-    if is_first or is_last:
-        _, rows, stats = load_data(cfg, margs.model_type)
-        if rank == 0:
-            print_data_stats(stats)
-        loader = StepLoader(rows, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.run.seed)
-        steps_per_epoch[0] = loader.steps_per_epoch
-    torch.distributed.all_reduce(steps_per_epoch, op=torch.distributed.ReduceOp.MIN)
-    total = int(steps_per_epoch) * cfg.run.n_epoches
+    coord = PipeDataParallelTopology(num_pp=cfg.pipe, num_dp=cfg.data).get_coord(rank)
+    is_first, is_last = coord.pipe == 0, coord.pipe == cfg.pipe - 1
+    reads_data = is_first or is_last
+    loader = make_loader(cfg, cfg.data_files(), margs.model_type, reads_data, coord.data, cfg.data, rank == 0)
+    eval_loader = None
+    if cfg.run.eval_data_path:
+        from ppllm.config import expand_data_paths
+        eval_loader = make_loader(cfg, expand_data_paths(cfg.run.eval_data_path), margs.model_type, reads_data,
+                                  coord.data, cfg.data, False)
+    total = loader.steps_per_epoch * cfg.run.n_epoches
     if cfg.run.max_steps:
         total = min(total, cfg.run.max_steps)
 
+    ds = ds_config(cfg)
+    scheduler = None
+    if "scheduler" not in ds:
+        factor = lr_lambda(cfg.run.lr_schedule, total)
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    engine, loss_fn, topo = build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds, cfg.run.seed,
+                                         cfg.run.use_grad_ckpt,
+                                         None if cfg.run.from_scratch else cfg.run.model_path,
+                                         cfg.run.no_decay, scheduler)
+
     os.makedirs(cfg.run.save_path, exist_ok=True)
     metrics_path = os.path.join(cfg.run.save_path, "metrics.jsonl")
-    if rank == 0 and os.path.exists(metrics_path):  # keep an earlier run's curve rather than mixing or losing it
+    start = 0
+    resume = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
+    if resume is not None:
+        client = ckpt.load(engine, *resume)
+        start = int(client.get("step", 0))
+        if isinstance(loader, _NoData) is False and client.get("data"):
+            loader.load_state_dict(client["data"])
+        log0(f"resumed from {os.path.join(*resume)} at step {start}")
+        if rank == 0:
+            ckpt.truncate_metrics(metrics_path, start)
+    elif rank == 0 and os.path.exists(metrics_path):  # keep an earlier run's curve rather than mixing them
         os.replace(metrics_path, f"{metrics_path}.{time.strftime('%Y%m%d-%H%M%S')}")
-    # a live bar on a terminal; plain log lines every log_interval steps otherwise (CI, files)
-    bar = tqdm(total=total, desc="train", disable=quiet or rank != 0 or not sys.stderr.isatty(),
-               dynamic_ncols=True)
-    log0(f"training {total} steps ({int(steps_per_epoch)} per epoch) on {world} processes")
+    torch.distributed.barrier()
 
-    for step in range(1, total + 1):
+    writer = MetricsWriter(cfg.run.save_path, cfg.run.tensorboard) if rank == 0 else None
+    fpt = flops_per_token(family, margs, cfg.run.max_seq_len)
+    peak = device_peak_tflops(cfg.run.peak_tflops)
+    bubble = bubble_fraction(cfg.pipe, cfg.grad_accum)
+    partition = {"bounds": bounds, "stage_ranks": [topo.filter_match(pipe=s) for s in range(cfg.pipe)]}
+    dp_group = engine.grid.get_data_parallel_group()
+
+    def save(step: int) -> None:
+        client = {"step": step, "data": loader.state_dict()}
+        ckpt.save(engine, cfg.run.save_path, step, client, cfg.run.model_path, partition, cfg.run.keep_last)
+
+    # a live bar on a terminal; plain log lines every log_interval steps otherwise (CI, files)
+    bar = tqdm(total=total, initial=start, desc="train", disable=quiet or rank != 0 or not sys.stderr.isatty(),
+               dynamic_ncols=True)
+    log0(f"training steps {start + 1}..{total} ({loader.steps_per_epoch} per epoch) on {world} processes, "
+         f"precision {resolve_precision(cfg)}")
+    for step in range(start + 1, total + 1):
         t0 = time.time()
-        batches = loader.next_step() if loader is not None else None
+        batches = loader.next_step() if loader.has_data else None
         loss = train_step(engine, loss_fn, batches)
+        counts = batch_counts(batches) if is_first else torch.zeros(3, dtype=torch.float64)
+        if is_first:
+            torch.distributed.all_reduce(counts, group=dp_group)
         dt = time.time() - t0
+        record = None
         if rank == 0:
             lrs = engine.get_lr()
-            rec = {"step": step, "loss": loss, "lr": float(lrs[0]) if lrs else 0.0, "step_time": round(dt, 4)}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            grad_norm = engine.get_global_grad_norm()
+            tok_s = float(counts[0]) / dt
+            record = {"step": step, "loss": loss, "lr": float(lrs[0]) if lrs else 0.0,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens": int(counts[0]), "trained_tokens": int(counts[1]), "samples": int(counts[2]),
+                      "tokens_per_s": round(tok_s, 2), "samples_per_s": round(float(counts[2]) / dt, 3),
+                      "mfu": round(tok_s * fpt / (peak * 1e12 * world), 5) if peak else None,
+                      "bubble": round(bubble, 4), "step_time": round(dt, 4)}
+        if eval_loader is not None and cfg.run.eval_interval and (step % cfg.run.eval_interval == 0 or step == total):
+            eval_loss = evaluate(engine, loss_fn, eval_loader)
+            if record is not None:
+                record["eval_loss"] = eval_loss
+        if rank == 0:
+            writer.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if not quiet and bar.disable and cfg.run.log_interval and (
-                    step % cfg.run.log_interval == 0 or step in (1, total)):
-                print(f"step {step}/{total} loss {loss:.4f} lr {rec['lr']:.3g} "
-                      f"({dt:.2f}s/step)", flush=True)
+                    step % cfg.run.log_interval == 0 or step in (start + 1, total)):
+                extra = f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                print(f"step {step}/{total} loss {loss:.4f}{extra} lr {record['lr']:.3g} "
+                      f"{record['tokens_per_s']:.0f} tok/s ({dt:.2f}s/step)", flush=True)
         if cfg.run.save_interval and step % cfg.run.save_interval == 0 and step != total:
-            save(engine, cfg, step, bounds, topo)
+            save(step)
     bar.close()
-    save(engine, cfg, total, bounds, topo)
-    log0(f"done: {total} steps; checkpoint in {cfg.run.save_path} (latest: global_step{total})")
-
-
-def save(engine, cfg: Config, step: int, bounds: list[int], topo) -> None:
-    tag = f"global_step{step}"
-    engine.save_checkpoint(cfg.run.save_path, tag=tag)
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        from convert_model import _copy_side_files
-        tag_dir = os.path.join(cfg.run.save_path, tag)
-        _copy_side_files(cfg.run.model_path, tag_dir)
-        meta = os.path.join(cfg.run.model_path, "ppllm.json")
-        if os.path.isfile(meta):
-            shutil.copy2(meta, tag_dir)
-        ranks = [topo.filter_match(pipe=s) for s in range(cfg.pipe)]
-        with open(os.path.join(tag_dir, "ppllm_partition.json"), "w") as f:
-            json.dump({"bounds": bounds, "stage_ranks": ranks}, f)
-    torch.distributed.barrier()
+    if start < total or ckpt.read_latest(cfg.run.save_path) is None:
+        save(total)
+    if writer is not None:
+        writer.close()
+    log0(f"done: {total} steps; checkpoint in {cfg.run.save_path} (latest: {ckpt.tag_for(total)})")
 
 
 def main(argv=None) -> int:

@@ -58,6 +58,19 @@ class ModelTopo(BaseModel):
     parts: list[int] | Literal["auto"] | None = None
 
 
+class LrSchedule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: cosine decays to min_lr_ratio * lr after warmup; constant keeps lr after warmup
+    type: Literal["cosine", "constant"] = "cosine"
+    #: linear warmup steps (or warmup_ratio of the total)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: final lr as a fraction of the peak lr
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    #: schedule length; default: the number of optimizer steps this run will take
+    total_steps: int | None = Field(default=None, ge=1)
+
+
 class RunConfig(BaseModel):
     """ppllm's own keys. DeepSpeed keys live in ``ds`` (not declared here)."""
     model_config = ConfigDict(extra="forbid")
@@ -94,6 +107,23 @@ class RunConfig(BaseModel):
     overlong: Literal["truncate", "drop"] = "truncate"
     #: print the loss every N steps on rank 0 (0 = progress bar only)
     log_interval: int = Field(default=1, ge=0)
+    #: auto: continue from save_path/latest when there is one; never; or a checkpoint folder
+    resume: str = "auto"
+    #: keep only the newest N checkpoints (None keeps all)
+    keep_last: int | None = Field(default=None, ge=1)
+    #: auto = bf16 on CUDA, fp32 on CPU; the loss is computed in fp32 in every mode
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    #: parameters whose qualified name contains one of these get no weight decay (norm weights always)
+    no_decay: list[str] = Field(default_factory=lambda: ["bias", "norm"])
+    #: warmup + cosine learning-rate schedule, used when no DeepSpeed `scheduler` is given
+    lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
+    #: held-out data (same formats as data_path) evaluated every eval_interval steps and at the end
+    eval_data_path: str | list[str] | None = None
+    eval_interval: int | None = Field(default=None, ge=1)
+    #: peak accelerator TFLOP/s for the MFU estimate (default from the device type)
+    peak_tflops: float | None = Field(default=None, gt=0)
+    #: write tensorboard event files to save_path/tensorboard
+    tensorboard: bool = True
 
 
 PPLLM_KEYS = set(RunConfig.model_fields) | {"epochs"}
@@ -229,6 +259,8 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
 
     problems += _check_batch(ds, run)
     if run is not None:
+        problems += _check_precision(ds, run)
+    if run is not None:
         pipe, data = run.model_topo.process_topology.dims
         if world_size is not None and pipe * data != world_size:
             problems.append(_world_size_message(pipe, data, world_size))
@@ -240,6 +272,16 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
     if problems:
         raise ConfigError(source, problems)
     return Config(run, ds, source)
+
+
+def _check_precision(ds: dict, run: RunConfig) -> list[str]:
+    explicit = [k for k in ("bf16", "fp16") if isinstance(ds.get(k), dict) and ds[k].get("enabled")]
+    if len(explicit) > 1:
+        return ["bf16 and fp16 are both enabled; enable one (or use precision: bf16|fp16|fp32)"]
+    if explicit and run.precision not in ("auto", explicit[0]):
+        return [f"precision: {run.precision} conflicts with the DeepSpeed section {explicit[0]}.enabled: true; "
+                f"keep one of them"]
+    return []
 
 
 def _world_size_message(pipe: int, data: int, world: int) -> str:
@@ -300,6 +342,11 @@ def _check_paths(run: RunConfig) -> list[str]:
     for f in files:
         if not os.path.isfile(f):
             problems.append(f"data_path: file {f!r} does not exist")
+    for f in expand_data_paths(run.eval_data_path) if run.eval_data_path else []:
+        if not os.path.isfile(f):
+            problems.append(f"eval_data_path: file {f!r} does not exist")
+    if run.resume not in ("auto", "never") and not os.path.isdir(run.resume):
+        problems.append(f"resume: {run.resume!r} is not a folder; use auto, never, or a checkpoint folder")
     if os.path.exists(run.save_path) and not os.path.isdir(run.save_path):
         problems.append(f"save_path: {run.save_path!r} exists and is not a folder")
     return problems

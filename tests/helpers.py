@@ -83,3 +83,27 @@ def token_weighted_loss(model, batches) -> torch.Tensor:
                                         reduction="sum")
         count += int((labels != -100).sum())
     return total / count
+
+
+def tiny_pipeline_model(root, texts: list[str], layers: int = 2, seed: int = 3, **llama_kw):
+    """A tokenizer trained on the demo samples, a tiny llama converted to a pipeline folder,
+    and a JSONL file of pretrain samples. Returns (pp_dir, data_file)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    import convert_model as cm
+    from ppllm.tiny import make_llama, sample_texts, train_sentencepiece
+    tok = train_sentencepiece(sample_texts(f"{REPO}/data/samples/demo.json"), str(root / "tok"))
+    vocab = len(AutoTokenizer.from_pretrained(tok))
+    make_llama(str(root / "hf"), vocab, tokenizer_dir=tok, seed=seed, num_hidden_layers=layers, **llama_kw)
+    cm.hg_to_pp(str(root / "hf"), str(root / "pp"), quiet=True)
+    data = root / "texts.jsonl"
+    data.write_text("\n".join(json.dumps({"type": "pretrain", "text": t}) for t in texts))
+    return root / "pp", data
+
+
+def read_metrics(path) -> list[dict]:
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

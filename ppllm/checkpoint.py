@@ -1,0 +1,142 @@
+"""Atomic, resumable checkpoints on top of DeepSpeed's save/load.
+
+Layout of ``save_path``::
+
+    global_step8/      layer_XX-model_states.pt (weights), mp_rank_XX_model_states.pt
+                       (optimizer, scheduler, client state), rng_rank{r}.pt, config and
+                       tokenizer files, ppllm_partition.json
+    latest             names the newest complete checkpoint
+    metrics.jsonl
+
+A save first writes ``.tmp-global_stepN``; after every rank finished, the folder is
+renamed and only then ``latest`` is replaced (write + rename).  A run killed during
+a save therefore leaves ``latest`` on the previous complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TMP_PREFIX = ".tmp-"
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def read_latest(save_path: str) -> str | None:
+    path = os.path.join(save_path, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    return tag if os.path.isdir(os.path.join(save_path, tag)) else None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, save_path: str, step: int, client_state: dict, side_files_from: str,
+         partition: dict, keep_last: int | None) -> str:
+    """Collective: every rank must call it."""
+    tag = tag_for(step)
+    tmp_tag = TMP_PREFIX + tag
+    rank = dist.get_rank()
+    engine.save_checkpoint(save_path, tag=tmp_tag, client_state=client_state, save_latest=False)
+    tmp_dir = os.path.join(save_path, tmp_tag)
+    os.makedirs(tmp_dir, exist_ok=True)
+    torch.save(rng_state(), os.path.join(tmp_dir, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    # one process per node finishes the folder (nodes may not share a filesystem)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.path.isdir(tmp_dir):
+        from convert_model import _copy_side_files
+        _copy_side_files(side_files_from, tmp_dir)
+        meta = os.path.join(side_files_from, "ppllm.json")
+        if os.path.isfile(meta):
+            shutil.copy2(meta, tmp_dir)
+        with open(os.path.join(tmp_dir, "ppllm_partition.json"), "w") as f:
+            json.dump(partition, f)
+        final = os.path.join(save_path, tag)
+        try:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp_dir, final)
+        except FileNotFoundError:
+            pass  # another node on a shared filesystem renamed it first
+        _write_atomic(os.path.join(save_path, "latest"), tag)
+        if keep_last:
+            prune(save_path, keep_last)
+    dist.barrier()
+    return tag
+
+
+def prune(save_path: str, keep_last: int) -> None:
+    tags = sorted((int(m.group(1)), name) for name in os.listdir(save_path)
+                  if (m := re.fullmatch(r"global_step(\d+)", name)))
+    for _, name in tags[:-keep_last]:
+        shutil.rmtree(os.path.join(save_path, name), ignore_errors=True)
+    for name in os.listdir(save_path):  # leftovers of saves that were killed
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(save_path, name), ignore_errors=True)
+
+
+def resolve_resume(resume: str, save_path: str) -> tuple[str, str] | None:
+    """(directory, tag) to resume from, or None to start fresh."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = read_latest(save_path)
+        return (save_path, tag) if tag else None
+    path = resume.rstrip("/")
+    if os.path.isfile(os.path.join(path, "latest")):
+        tag = read_latest(path)
+        if tag is None:
+            raise FileNotFoundError(f"resume: {path}/latest points to a missing checkpoint")
+        return path, tag
+    if os.path.isdir(path):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    raise FileNotFoundError(f"resume: {resume!r} is neither 'auto', 'never' nor a checkpoint folder")
+
+
+def load(engine, directory: str, tag: str) -> dict:
+    """Weights, optimizer, scheduler and client state; this rank's RNG state."""
+    _, client = engine.load_checkpoint(directory, tag=tag)
+    rng = os.path.join(directory, tag, f"rng_rank{dist.get_rank()}.pt")
+    if os.path.isfile(rng):
+        set_rng_state(torch.load(rng, weights_only=False))
+    return client or {}
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop lines a killed run wrote after the checkpoint it resumes from."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    _write_atomic(path, "".join(lines))
