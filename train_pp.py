@@ -173,9 +173,41 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
     if model_path is not None:
         model.load_layer_files(model_path)
     groups = param_groups(model, no_decay if no_decay is not None else ["bias", "norm"])
+    ds_cfg, optimizer = _client_optimizer(ds_cfg, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=groups,
-                                           lr_scheduler=lr_scheduler)
+                                           optimizer=optimizer, lr_scheduler=lr_scheduler)
+    _record_grad_norm(engine)
     return engine, loss_fn, topo
+
+
+def _record_grad_norm(engine) -> None:
+    """DeepSpeed reports no gradient norm on its plain fp32 path; measure it just before the step."""
+    take_step = engine._take_model_step
+
+    def with_norm(*args, **kwargs):
+        if engine.get_global_grad_norm() is None or not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+            sq = torch.zeros(1, dtype=torch.float64)
+            for p in engine.module.parameters():
+                if p.grad is not None and not getattr(p, "ds_pipe_replicated", False):
+                    sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq = sq.to(next(engine.module.parameters()).device)
+            torch.distributed.all_reduce(sq, group=engine.grid.get_pipe_parallel_group())
+            engine.ppllm_grad_norm = float(sq.sqrt())
+        return take_step(*args, **kwargs)
+
+    engine.ppllm_grad_norm = None
+    engine._take_model_step = with_norm
+
+
+def _client_optimizer(ds_cfg: dict, groups: list[dict]):
+    """DeepSpeed builds Lion as FusedLion, a CUDA-only op; without CUDA use its CPU Lion instead."""
+    opt = ds_cfg.get("optimizer") or {}
+    offload = (ds_cfg.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device") == "cpu"
+    if opt.get("type", "").lower() != "lion" or torch.cuda.is_available() or offload:
+        return ds_cfg, None
+    from deepspeed.ops.lion import DeepSpeedCPULion
+    ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
+    return ds_cfg, DeepSpeedCPULion(groups, **opt.get("params", {}))
 
 
 def train_step(engine, loss_fn, batches: list | None) -> float:
@@ -264,6 +296,9 @@ def train(cfg: Config, quiet: bool = False) -> None:
     np.random.seed(cfg.run.seed)
     random.seed(cfg.run.seed)
 
+    from models.common import set_attention_backend
+    notice = set_attention_backend(cfg.run.use_flash_attn)
+    log0(notice)
     family, margs, bounds = plan(cfg)
     coord = PipeDataParallelTopology(num_pp=cfg.pipe, num_dp=cfg.data).get_coord(rank)
     is_first, is_last = coord.pipe == 0, coord.pipe == cfg.pipe - 1
@@ -332,6 +367,7 @@ def train(cfg: Config, quiet: bool = False) -> None:
         if rank == 0:
             lrs = engine.get_lr()
             grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.ppllm_grad_norm if grad_norm is None else grad_norm
             tok_s = float(counts[0]) / dt
             record = {"step": step, "loss": loss, "lr": float(lrs[0]) if lrs else 0.0,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,

@@ -148,11 +148,70 @@ class MaskCache:
 MASKS = MaskCache()
 
 
+ATTENTION_BACKEND = {"name": "sdpa"}
+
+
+def set_attention_backend(use_flash_attn: bool) -> str:
+    """Pick flash-attn 2 when asked for, installed and on CUDA; otherwise SDPA. Returns a notice."""
+    if not use_flash_attn:
+        ATTENTION_BACKEND["name"] = "sdpa"
+        return "attention: SDPA"
+    import importlib.util
+    if not torch.cuda.is_available():
+        why = "no CUDA device"
+    elif importlib.util.find_spec("flash_attn") is None:
+        why = "flash-attn is not installed (pip install -r requirements-gpu.txt)"
+    else:
+        ATTENTION_BACKEND["name"] = "flash"
+        return "attention: flash-attn 2 (varlen kernels for packed rows)"
+    ATTENTION_BACKEND["name"] = "sdpa"
+    return f"use_flash_attn: {why}; falling back to SDPA"
+
+
+class _SeqlenCache:
+    """cu_seqlens of a packed batch for flash-attn's varlen kernels, once per micro-batch."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, doc_ids_BS: torch.Tensor):
+        if self._key is not doc_ids_BS:
+            B, S = doc_ids_BS.shape
+            # a new segment starts at every row start and every change of doc id
+            flat = (doc_ids_BS + (torch.arange(B, device=doc_ids_BS.device) * (S + 2))[:, None]).flatten()
+            start = torch.ones_like(flat, dtype=torch.bool)
+            start[1:] = flat[1:] != flat[:-1]
+            starts = torch.nonzero(start).flatten()
+            cu = torch.cat([starts, torch.tensor([B * S], device=flat.device)]).to(torch.int32)
+            self._value = (cu, int((cu[1:] - cu[:-1]).max()))
+            self._key = doc_ids_BS
+        return self._value
+
+
+SEQLENS = _SeqlenCache()
+
+
+def _flash_attention(q_BNSD, k_BKSD, v_BKSD, doc_ids_BS, window):
+    from flash_attn import flash_attn_varlen_func
+    B, N, S, D = q_BNSD.shape
+    cu, max_len = SEQLENS.get(doc_ids_BS)
+    q = q_BNSD.transpose(1, 2).reshape(B * S, N, D)
+    k = k_BKSD.transpose(1, 2).reshape(B * S, k_BKSD.shape[1], D)
+    v = v_BKSD.transpose(1, 2).reshape(B * S, v_BKSD.shape[1], D)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True,
+                                 window_size=(window - 1, 0) if window else (-1, -1))
+    return out.reshape(B, S, N * D)
+
+
 def sdpa_attention(q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, doc_ids_BS: torch.Tensor,
                    window: int | None = None, bias_BNSS: torch.Tensor | None = None,
                    softmax_fp32: bool = False) -> torch.Tensor:
     """Causal, document-masked attention. Returns [B,S,N*D]."""
     B, N, S, D = q_BNSD.shape
+    if (ATTENTION_BACKEND["name"] == "flash" and bias_BNSS is None and not softmax_fp32 and q_BNSD.is_cuda
+            and q_BNSD.dtype in (torch.float16, torch.bfloat16)):
+        return _flash_attention(q_BNSD, k_BKSD, v_BKSD, doc_ids_BS, window)
     mask = MASKS.get(doc_ids_BS, window)
     if bias_BNSS is not None or softmax_fp32:
         # explicit path (alibi): bias added before softmax, softmax in fp32

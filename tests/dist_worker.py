@@ -33,7 +33,8 @@ def main():
         n = fam.num_pipe_layers(margs)
         bounds = stage_bounds(n, sc["pipe"], sc.get("parts"), layer_costs(fam, margs))
         ds = {"train_micro_batch_size_per_gpu": sc["mbs"], "gradient_accumulation_steps": sc["gas"],
-              "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "steps_per_print": 10 ** 9,
+              "optimizer": {"type": sc.get("optimizer", "SGD"), "params": {"lr": sc.get("lr", 1.0)}},
+              "steps_per_print": 10 ** 9,
               "pipeline": {"use_reentrant": False}, "gradient_clipping": sc.get("clip", 0.0)}
         engine, loss_fn, _ = build_engine(fam, margs, bounds, sc["pipe"], sc["data"], ds, 0,
                                           sc.get("grad_ckpt", False), sc["model_dir"])
@@ -49,7 +50,7 @@ def main():
                 layers[module._local_start + local] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         for key, tied in module.tied_modules.items():
             layers[f"tied:{key}"] = {k: v.detach().clone() for k, v in tied.state_dict().items()}
-        torch.save({"loss": loss, "layers": layers, "bounds": bounds},
+        torch.save({"loss": loss, "grad_norm": engine.ppllm_grad_norm, "layers": layers, "bounds": bounds},
                    os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))
         torch.distributed.barrier()
     print(f"rank {rank}: done", flush=True)

@@ -28,13 +28,14 @@ def setup(tmp_path_factory):
     return root, data
 
 
-def write_config(root, data, name, dims, steps, mbs, gas):
+def write_config(root, data, name, dims, steps, mbs, gas, precision="fp32"):
     cfg = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}},
            "model_path": str(root / "pp"), "save_path": str(root / name), "data_path": str(data),
            "max_seq_len": 48, "packing": False, "max_steps": steps, "n_epoches": 1000, "save_interval": 10,
            "template": "plain", "train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": gas,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}},
-           "gradient_clipping": 1.0}
+           "gradient_clipping": 1.0, "precision": precision, "eval_data_path": str(data), "eval_interval": 20,
+           "lr_schedule": {"type": "constant"}}
     path = root / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -67,6 +68,14 @@ def test_train_pipe2_memorises_and_exports(setup):
     last = metrics[-1]["loss"]
     # the exported weights are one optimizer step newer than the last logged loss
     assert abs(hf_loss - last) < 0.05 + 0.5 * last, (hf_loss, last)
+    # the final eval ran on the same rows with the final weights: token-weighted, it equals transformers' loss
+    assert abs(metrics[-1]["eval_loss"] - hf_loss) < 1e-4, (metrics[-1]["eval_loss"], hf_loss)
+    assert "eval_loss" in metrics[19] and "eval_loss" not in metrics[18]
+    for key in ("lr", "grad_norm", "tokens", "trained_tokens", "samples", "tokens_per_s", "samples_per_s",
+                "bubble", "step_time"):
+        assert metrics[-1][key] is not None, key
+    assert metrics[-1]["samples"] == 4 and metrics[-1]["bubble"] == round(1 / 3, 4)
+    assert (root / "run" / "tensorboard").is_dir()
     # it memorised: greedy continuation of a prefix reproduces the text
     ids = [tok.bos_token_id] + tok(TEXTS[0], add_special_tokens=False).input_ids
     with torch.no_grad():
@@ -77,9 +86,9 @@ def test_train_pipe2_memorises_and_exports(setup):
 @pytest.mark.timeout(400)
 def test_train_pipe2_data2(setup):
     root, data = setup
-    cfg = write_config(root, data, "run22", [2, 2], 6, 1, 2)
+    cfg = write_config(root, data, "run22", [2, 2], 6, 1, 2, precision="bf16")
     p = launch(["train_pp.py", "--config", str(cfg)], 4)
-    assert "step 6/6" in p.stdout
+    assert "step 6/6" in p.stdout and "precision bf16" in p.stdout
     metrics = [json.loads(line) for line in (root / "run22" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6 and metrics[-1]["loss"] < metrics[0]["loss"]
     run([PY, "convert_model.py", "pp_to_hg", "--input-path", str(root / "run22"), "--save-path",

@@ -38,6 +38,7 @@ def reference_update(model_dir, sc):
     batches = synthetic_batches(sc["seed"], sc["gas"] * sc["data"], sc["mbs"], SEQ, margs.vocab_size)
     loss = token_weighted_loss(model, batches)
     loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
     if sc.get("clip"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), sc["clip"])
     updated = {}
@@ -45,14 +46,23 @@ def reference_update(model_dir, sc):
         for idx, layer in enumerate(model.layers):
             if isinstance(layer, torch.nn.Identity):
                 continue
-            updated[idx] = {k: (p - p.grad) for k, p in layer.named_parameters()}
+            if sc.get("optimizer") == "Lion":
+                # first Lion step: -lr * sign(grad). DeepSpeed's CPU Lion takes sign(0) as +1, so
+                # entries without gradient (embedding rows of absent tokens) move by -lr as well;
+                # pin that behaviour here so a change in DeepSpeed is noticed.
+                updated[idx] = {k: (p - sc["lr"] * torch.where(p.grad == 0, 1.0, torch.sign(p.grad)))
+                                for k, p in layer.named_parameters()}
+            else:  # SGD with lr 1
+                updated[idx] = {k: (p - p.grad) for k, p in layer.named_parameters()}
             before = {k: p.clone() for k, p in layer.named_parameters()}
             updated[idx]["__before__"] = before
+    updated["__norm__"] = float(norm)
     return float(loss.detach()), updated
 
 
 def check(out_dir, sc, model_dir):
     ref_loss, ref = reference_update(model_dir, sc)
+    ref_norm = ref.pop("__norm__")
     dumps = sorted(glob.glob(os.path.join(out_dir, f"{sc['name']}_rank*.pt")))
     assert len(dumps) == sc["pipe"] * sc["data"], dumps
     seen = set()
@@ -60,6 +70,7 @@ def check(out_dir, sc, model_dir):
     for path in dumps:
         d = torch.load(path, weights_only=False)
         assert abs(d["loss"] - ref_loss) < 1e-5, (sc["name"], d["loss"], ref_loss)
+        assert abs(d["grad_norm"] - ref_norm) < 1e-5 * max(1.0, ref_norm), (d["grad_norm"], ref_norm)
         for idx, state in d["layers"].items():
             if isinstance(idx, str):  # tied module copy on a later stage: must equal the embedding
                 idx = 0
@@ -81,6 +92,8 @@ SCEN_2 = [
     {"name": "p2_ckpt", "model": "untied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 13, "grad_ckpt": True},
     {"name": "p2_parts", "model": "untied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 14, "parts": [1, 5]},
     {"name": "p2_clip", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 15, "clip": 0.5},
+    {"name": "p2_lion", "model": "untied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 16,
+     "optimizer": "Lion", "lr": 0.01},
 ]
 SCEN_4 = [
     {"name": "p2d2_untied", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 21},
