@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted for nested keys); repeatable")
     p.add_argument("--dry-run", action="store_true", help="validate config, model and data; print the plan; exit")
+    p.add_argument("--plan", action="store_true", help="print per-stage memory (weights, grads, optimizer, "
+                   "activations) and a proposed partition; exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the final line only")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     return p.parse_args(argv)
@@ -42,14 +44,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def plan(cfg: Config):
+    """(family, model args, stage bounds); `parts: auto` uses the memory planner's cost model."""
     from models import load_family
-    from models.pipeline import layer_costs, stage_bounds
+    from models.pipeline import stage_bounds
+    from ppllm.planner import propose_bounds
     family, margs = load_family(cfg.run.model_path)
-    n = family.num_pipe_layers(margs)
     parts = cfg.run.model_topo.parts
-    costs = layer_costs(family, margs)
-    bounds = stage_bounds(n, cfg.pipe, None if parts in (None, "auto") else parts, costs)
-    return family, margs, bounds
+    if parts in (None, "auto"):
+        return family, margs, propose_bounds(family, margs, planner_setup(cfg))
+    return family, margs, stage_bounds(family.num_pipe_layers(margs), cfg.pipe, parts)
+
+
+def planner_setup(cfg: Config):
+    from ppllm.planner import Setup
+    zero = cfg.ds.get("zero_optimization") or {}
+    opt = (cfg.ds.get("optimizer") or {}).get("type", "adamw")
+    return Setup(pipe=cfg.pipe, data=cfg.data, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
+                 seq_len=cfg.run.max_seq_len, precision=resolve_precision(cfg), zero_stage=int(zero.get("stage", 0)),
+                 offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
+                 grad_ckpt=cfg.run.use_grad_ckpt, optimizer=opt, flash=cfg.run.use_flash_attn)
+
+
+def memory_plan(cfg: Config) -> int:
+    """--plan: per-stage memory for the configured partition, and the partition we propose."""
+    from ppllm.planner import estimate, format_plan, parts_from_bounds, propose_bounds
+    family, margs, bounds = plan(cfg)
+    setup = planner_setup(cfg)
+    print(format_plan(estimate(family, margs, bounds, setup), setup))
+    proposal = propose_bounds(family, margs, setup)
+    print(f"configured parts: {parts_from_bounds(bounds)}")
+    print(f"proposed parts (balances compute and memory): {parts_from_bounds(proposal)}")
+    if proposal != bounds:
+        print(format_plan(estimate(family, margs, proposal, setup), setup))
+    return 0
 
 
 def print_plan(cfg: Config, family, margs, bounds) -> None:
@@ -403,10 +430,12 @@ def main(argv=None) -> int:
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else None
     try:
-        cfg = load_config(a.config, a.set, world_size=None if a.dry_run else world)
+        cfg = load_config(a.config, a.set, world_size=None if (a.dry_run or a.plan) else world)
     except ConfigError as e:
         log0(f"error: {e}")
         return 2
+    if a.plan:
+        return memory_plan(cfg)
     if a.dry_run:
         return dry_run(cfg)
     if not launched:

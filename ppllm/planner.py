@@ -1,0 +1,161 @@
+"""Memory planner: per-stage parameters, gradients, optimizer states and activations.
+
+Activations follow what the decoder layers in ``models/`` save for backward
+(counted with ``torch.autograd.graph.saved_tensors_hooks`` in
+tests/test_planner.py), per micro-batch of B x S tokens, in bytes:
+
+    decoder layer  b * (9*B*S*H + 2*B*S*K*D + 4*B*S*I + 4*B*S*D) + 4*B*N*S + mask
+    mask           4 * B * S * S   (SDPA with a document mask; none with flash-attn varlen)
+    head           B * S * V * (b + 8)   (logits, their fp32 copy and its gradient)
+    with use_grad_ckpt a layer keeps only its input, b * B*S*H, plus one layer's
+    full activations while it is recomputed.
+
+Under 1F1B, stage s holds the activations of min(P - s, M) micro-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deepspeed.runtime.utils import partition_balanced
+
+GB = 1 << 30
+
+#: bytes of optimizer state per trainable parameter (beyond the weights themselves)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "lion": 4, "sgd": 0, "adagrad": 4}
+
+
+@dataclass
+class Setup:
+    pipe: int
+    data: int
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    precision: str  # bf16 | fp16 | fp32
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    grad_ckpt: bool = False
+    optimizer: str = "adamw"
+    flash: bool = False
+    trainable_fraction: float = 1.0  # < 1 with LoRA
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    layers: tuple[int, int]
+    params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    act_bytes_per_micro_batch: int
+    micro_batches_in_flight: int
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.act_bytes_per_micro_batch * self.micro_batches_in_flight
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def _dtype_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def layer_activation_bytes(margs, kind: str, s: Setup) -> int:
+    """Bytes one pipeline layer keeps for backward for one micro-batch."""
+    b = _dtype_bytes(s.precision)
+    B, S = s.micro_batch, s.seq_len
+    H = margs.hidden_size
+    if kind == "decoder":
+        N = margs.num_heads
+        K = getattr(margs, "num_kv_heads", N)
+        D = getattr(margs, "head_dim", H // N)
+        inter = getattr(margs, "intermediate_size", 4 * H)
+        mask = 0 if s.flash else 4 * B * S * S
+        full = b * (9 * B * S * H + 2 * B * S * K * D + 4 * B * S * inter + 4 * B * S * D) + 4 * B * N * S + mask
+        return b * B * S * H if s.grad_ckpt else full
+    if kind == "head":
+        return B * S * margs.vocab_size * (b + 8)
+    if kind == "embed":
+        return 8 * B * S  # token ids
+    return b * B * S * H  # final norm input
+
+
+def _kinds(family, margs) -> list[str]:
+    n = family.num_pipe_layers(margs)
+    return ["embed"] + ["decoder"] * (n - 3) + ["norm", "head"]
+
+
+def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
+    counts = family.layer_param_counts(margs)
+    kinds = _kinds(family, margs)
+    b = _dtype_bytes(s.precision)
+    mixed = s.precision != "fp32"
+    out = []
+    for stage in range(s.pipe):
+        lo, hi = bounds[stage], bounds[stage + 1]
+        params = sum(counts[lo:hi])
+        if family.is_tied(margs) and stage == s.pipe - 1 and lo > 0:
+            params += counts[0]  # the last stage holds its own copy of the tied embedding
+        trainable = int(params * s.trainable_fraction)
+        # mixed precision keeps fp32 master weights (and, in DeepSpeed's bf16 optimizer, fp32 grads)
+        opt_per = OPTIMIZER_STATE_BYTES.get(s.optimizer.lower(), 8) + (4 if mixed else 0)
+        optim = trainable * opt_per
+        if s.zero_stage >= 1:
+            optim //= s.data
+        if s.offload_optimizer:
+            optim = 0
+        grads = trainable * (b + (4 if mixed else 0))
+        act = sum(layer_activation_bytes(margs, kinds[i], s) for i in range(lo, hi))
+        if s.grad_ckpt and any(kinds[i] == "decoder" for i in range(lo, hi)):
+            full = Setup(**{**s.__dict__, "grad_ckpt": False})
+            act += layer_activation_bytes(margs, "decoder", full)  # one layer recomputed at a time
+        inflight = min(s.pipe - stage, s.grad_accum)
+        out.append(StageMemory(stage, (lo, hi - 1), params, params * b, grads, optim, act, inflight))
+    return out
+
+
+def layer_weights(family, margs, s: Setup) -> list[float]:
+    """Per-layer cost mixing compute (parameter count as matmul work) and memory (bytes)."""
+    from models.pipeline import layer_costs
+    compute = layer_costs(family, margs)
+    kinds = _kinds(family, margs)
+    counts = family.layer_param_counts(margs)
+    per_param = _dtype_bytes(s.precision) * 2 + OPTIMIZER_STATE_BYTES.get(s.optimizer.lower(), 8)
+    memory = [counts[i] * per_param + layer_activation_bytes(margs, kinds[i], s) * max(1, s.pipe // 2)
+              for i in range(len(kinds))]
+    c_tot, m_tot = sum(compute) or 1.0, sum(memory) or 1.0
+    return [0.5 * c / c_tot + 0.5 * m / m_tot for c, m in zip(compute, memory)]
+
+
+def propose_bounds(family, margs, s: Setup) -> list[int]:
+    n = family.num_pipe_layers(margs)
+    bounds = [int(x) for x in partition_balanced(layer_weights(family, margs, s), s.pipe)]
+    if any(bounds[i] == bounds[i + 1] for i in range(s.pipe)):
+        from deepspeed.runtime.utils import partition_uniform
+        bounds = [int(x) for x in partition_uniform(n, s.pipe)]
+    return bounds
+
+
+def format_plan(stages: list[StageMemory], s: Setup) -> str:
+    unit, div = ("GiB", GB) if max(st.total_bytes for st in stages) >= GB else ("MiB", 1 << 20)
+
+    def gb(x: int) -> str:
+        return f"{x / div:8.2f}"
+    lines = [f"memory plan: pipe={s.pipe} data={s.data} micro_batch={s.micro_batch} seq={s.seq_len} "
+             f"grad_accum={s.grad_accum} precision={s.precision} zero={s.zero_stage}"
+             f"{' offload' if s.offload_optimizer else ''} grad_ckpt={s.grad_ckpt} optimizer={s.optimizer}"
+             f"{' lora' if s.trainable_fraction < 1 else ''}",
+             f"stage  layers      params(M)  weights   grads  optim  act/mb  in-flight  act  total ({unit})"]
+    for st in stages:
+        lines.append(f"{st.stage:5d}  {st.layers[0]:3d}..{st.layers[1]:<4d} {st.params / 1e6:10.2f} {gb(st.param_bytes)}"
+                     f"{gb(st.grad_bytes)}{gb(st.optimizer_bytes)}{gb(st.act_bytes_per_micro_batch)}"
+                     f"{st.micro_batches_in_flight:9d} {gb(st.activation_bytes)}{gb(st.total_bytes)}")
+    return "\n".join(lines)
+
+
+def parts_from_bounds(bounds: list[int]) -> list[int]:
+    return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
