@@ -206,10 +206,20 @@ def resolve_pipeline_dir(input_path: str, tag: str | None = None) -> tuple[str, 
 
 
 def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str | None = None,
-             force: bool = False, max_shard_bytes: int = 2 << 30, quiet: bool = False) -> dict:
+             force: bool = False, max_shard_bytes: int = 2 << 30, quiet: bool = False,
+             lora_only: bool = False) -> dict:
+    """HF checkpoint from a pipeline folder or training save_path. An adapter (LoRA) checkpoint is
+    merged into its base weights, or with lora_only written as a PEFT adapter."""
     from safetensors.torch import save_file
 
+    from ppllm import lora as lora_mod
     layers_dir, config_dir = resolve_pipeline_dir(input_path, tag)
+    adapter = lora_mod.read_meta(layers_dir)
+    if lora_only:
+        if adapter is None:
+            raise ConversionError(f"{layers_dir} holds no LoRA adapters (no {lora_mod.ADAPTER_META})")
+        return lora_mod.export_peft(layers_dir, config_dir, save_path, adapter, force)
+    load_state = _layer_loader(layers_dir, adapter)
     cfg = read_config(config_dir)
     family = get_family(cfg["model_type"])
     args = family.parse_config(cfg)
@@ -217,7 +227,9 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
     expected = family.expected_shapes(args)
     torch_dtype = DTYPES[dtype] if dtype else None
 
-    missing = [layer_file(layers_dir, i) for i in sorted(expected) if not os.path.isfile(layer_file(layers_dir, i))]
+    missing = [layer_file(layers_dir, i) for i in sorted(expected)
+               if not os.path.isfile(layer_file(layers_dir, i))
+               and not (adapter and os.path.isfile(layer_file(adapter["base_model_path"], i)))]
     if missing:
         raise ConversionError(f"{layers_dir}: {len(missing)} layer file(s) missing:\n  " + "\n  ".join(missing)
                               + _stage_hint(layers_dir, missing))
@@ -242,7 +254,7 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
         problems: list[str] = []
         for idx in sorted(expected):
             path = layer_file(layers_dir, idx)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = load_state(idx)
             want = expected[idx]
             extra = sorted(set(state) - set(want))
             lacking = sorted(set(want) - set(state))
@@ -293,6 +305,26 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
     return {"tensors": len(weight_map), "shards": n}
 
 
+def _layer_loader(layers_dir: str, adapter: dict | None):
+    """idx -> layer state; for an adapter checkpoint, base weights with W + (alpha/r) B A merged in."""
+    def plain(idx: int) -> dict:
+        return torch.load(layer_file(layers_dir, idx), map_location="cpu", weights_only=True, mmap=True)
+    if adapter is None:
+        return plain
+    base_dir = adapter["base_model_path"]
+    if not os.path.isfile(layer_file(base_dir, 0)):
+        raise ConversionError(f"{layers_dir} holds LoRA adapters for the base model {base_dir}, "
+                              f"which is not there; restore it or edit {os.path.join(layers_dir, 'ppllm_lora.json')}")
+    from ppllm.lora import merge_into
+    scaling = adapter["lora"]["alpha"] / adapter["lora"]["r"]
+
+    def merged(idx: int) -> dict:
+        base = dict(torch.load(layer_file(base_dir, idx), map_location="cpu", weights_only=True, mmap=True))
+        extra = plain(idx) if os.path.isfile(layer_file(layers_dir, idx)) else {}
+        return merge_into(base, extra, scaling)
+    return merged
+
+
 def _stage_hint(layers_dir: str, missing: list[str]) -> str:
     plan = os.path.join(layers_dir, "ppllm_partition.json")
     if not os.path.isfile(plan):
@@ -319,13 +351,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="pp_to_hg: checkpoint tag inside a training save_path (default: latest)")
     p.add_argument("--max-shard-size", default="2GB", help="pp_to_hg: shard size, e.g. 500MB, 5GB")
     p.add_argument("--force", action="store_true", help="replace a non-empty --save-path")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="pp_to_hg of a LoRA checkpoint: merged full weights (the default for adapter checkpoints)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="pp_to_hg of a LoRA checkpoint: PEFT adapter_model.safetensors + adapter_config.json")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
         if a.mode == "hg_to_pp":
             hg_to_pp(a.input_path, a.save_path, a.dtype, a.force, a.quiet)
         else:
-            pp_to_hg(a.input_path, a.save_path, a.tag, a.dtype, a.force, _parse_size(a.max_shard_size), a.quiet)
+            if a.merge_lora and a.lora_only:
+                raise ValueError("--merge-lora and --lora-only exclude each other")
+            pp_to_hg(a.input_path, a.save_path, a.tag, a.dtype, a.force, _parse_size(a.max_shard_size), a.quiet,
+                     lora_only=a.lora_only)
     except (ConversionError, FileNotFoundError, ValueError) as e:
         print(f"convert_model.py {a.mode}: error: {e}", file=sys.stderr)
         return 2

@@ -51,25 +51,33 @@ def plan(cfg: Config):
     family, margs = load_family(cfg.run.model_path)
     parts = cfg.run.model_topo.parts
     if parts in (None, "auto"):
-        return family, margs, propose_bounds(family, margs, planner_setup(cfg))
+        return family, margs, propose_bounds(family, margs, planner_setup(cfg, family, margs))
     return family, margs, stage_bounds(family.num_pipe_layers(margs), cfg.pipe, parts)
 
 
-def planner_setup(cfg: Config):
+def planner_setup(cfg: Config, family=None, margs=None):
     from ppllm.planner import Setup
     zero = cfg.ds.get("zero_optimization") or {}
     opt = (cfg.ds.get("optimizer") or {}).get("type", "adamw")
     return Setup(pipe=cfg.pipe, data=cfg.data, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                  seq_len=cfg.run.max_seq_len, precision=resolve_precision(cfg), zero_stage=int(zero.get("stage", 0)),
                  offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
-                 grad_ckpt=cfg.run.use_grad_ckpt, optimizer=opt, flash=cfg.run.use_flash_attn)
+                 grad_ckpt=cfg.run.use_grad_ckpt, optimizer=opt, flash=cfg.run.use_flash_attn,
+                 trainable_fraction=_lora_fraction(cfg, family, margs))
+
+
+def _lora_fraction(cfg: Config, family, margs) -> float:
+    if cfg.run.lora is None or family is None:
+        return 1.0
+    from ppllm.lora import trainable_fraction
+    return trainable_fraction(family, margs, cfg.run.lora)
 
 
 def memory_plan(cfg: Config) -> int:
     """--plan: per-stage memory for the configured partition, and the partition we propose."""
     from ppllm.planner import estimate, format_plan, parts_from_bounds, propose_bounds
     family, margs, bounds = plan(cfg)
-    setup = planner_setup(cfg)
+    setup = planner_setup(cfg, family, margs)
     print(format_plan(estimate(family, margs, bounds, setup), setup))
     proposal = propose_bounds(family, margs, setup)
     print(f"configured parts: {parts_from_bounds(bounds)}")
@@ -185,7 +193,7 @@ def lr_lambda(sched, total_steps: int):
 
 def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
                  grad_ckpt: bool, model_path: str | None, no_decay: list[str] | None = None,
-                 lr_scheduler=None):
+                 lr_scheduler=None, lora=None):
     """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
@@ -197,6 +205,10 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
                       seed_layers=True, base_seed=seed,
                       activation_checkpoint_interval=1 if grad_ckpt else 0,
                       checkpointable_layers=[family.decoder_class.__name__] if grad_ckpt else None)
+    if lora is not None:
+        from ppllm.lora import apply_lora
+        apply_lora(model, lora)
+        model.flag_stage_parameters()
     if model_path is not None:
         model.load_layer_files(model_path)
     groups = param_groups(model, no_decay if no_decay is not None else ["bias", "norm"])
@@ -348,14 +360,19 @@ def train(cfg: Config, quiet: bool = False) -> None:
     engine, loss_fn, topo = build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds, cfg.run.seed,
                                          cfg.run.use_grad_ckpt,
                                          None if cfg.run.from_scratch else cfg.run.model_path,
-                                         cfg.run.no_decay, scheduler)
+                                         cfg.run.no_decay, scheduler, cfg.run.lora)
+    if cfg.run.lora is not None:
+        n_train = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in engine.module.parameters())
+        log0(f"lora: r={cfg.run.lora.r} alpha={cfg.run.lora.alpha} on {cfg.run.lora.target_modules}; "
+             f"stage 0 trains {n_train} of {n_all} parameters")
 
     os.makedirs(cfg.run.save_path, exist_ok=True)
     metrics_path = os.path.join(cfg.run.save_path, "metrics.jsonl")
     start = 0
     resume = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
     if resume is not None:
-        client = ckpt.load(engine, *resume)
+        client = ckpt.load(engine, *resume, strict=cfg.run.lora is None)
         start = int(client.get("step", 0))
         if isinstance(loader, _NoData) is False and client.get("data"):
             loader.load_state_dict(client["data"])
@@ -375,7 +392,8 @@ def train(cfg: Config, quiet: bool = False) -> None:
 
     def save(step: int) -> None:
         client = {"step": step, "data": loader.state_dict()}
-        ckpt.save(engine, cfg.run.save_path, step, client, cfg.run.model_path, partition, cfg.run.keep_last)
+        ckpt.save(engine, cfg.run.save_path, step, client, cfg.run.model_path, partition, cfg.run.keep_last,
+                  cfg.run.lora)
 
     # a live bar on a terminal; plain log lines every log_interval steps otherwise (CI, files)
     bar = tqdm(total=total, initial=start, desc="train", disable=quiet or rank != 0 or not sys.stderr.isatty(),

@@ -61,6 +61,10 @@ class PipeModel(PipelineModule):
         # model-parallel, so later stages were ignored. Flag every parameter this stage owns;
         # tied copies on non-owner stages stay unflagged so they are counted once.
         # Proven by tests/test_pipeline_grad.py (clip scenarios).
+        self.flag_stage_parameters()
+
+    def flag_stage_parameters(self) -> None:
+        """Call again after adding parameters (LoRA)."""
         for p in self.parameters():
             p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
 
@@ -89,6 +93,7 @@ def load_layer(module: nn.Module, directory: str, index: int) -> None:
                                 f"(re-run convert_model.py hg_to_pp, or gather the files every stage wrote)")
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".lora_" not in k]  # adapters are not in base weights
     if missing or unexpected:
         raise KeyError(f"{path}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
 

@@ -63,12 +63,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, save_path: str, step: int, client_state: dict, side_files_from: str,
-         partition: dict, keep_last: int | None) -> str:
-    """Collective: every rank must call it."""
+         partition: dict, keep_last: int | None, lora=None) -> str:
+    """Collective: every rank must call it. With ``lora`` only the adapters are written,
+    plus ppllm_lora.json naming the base model folder."""
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
     rank = dist.get_rank()
-    engine.save_checkpoint(save_path, tag=tmp_tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(save_path, tag=tmp_tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=lora is not None)
     tmp_dir = os.path.join(save_path, tmp_tag)
     os.makedirs(tmp_dir, exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp_dir, f"rng_rank{rank}.pt"))
@@ -82,6 +84,9 @@ def save(engine, save_path: str, step: int, client_state: dict, side_files_from:
             shutil.copy2(meta, tmp_dir)
         with open(os.path.join(tmp_dir, "ppllm_partition.json"), "w") as f:
             json.dump(partition, f)
+        if lora is not None:
+            from ppllm.lora import write_meta
+            write_meta(tmp_dir, lora, side_files_from)
         final = os.path.join(save_path, tag)
         try:
             if os.path.isdir(final):
@@ -124,9 +129,10 @@ def resolve_resume(resume: str, save_path: str) -> tuple[str, str] | None:
     raise FileNotFoundError(f"resume: {resume!r} is neither 'auto', 'never' nor a checkpoint folder")
 
 
-def load(engine, directory: str, tag: str) -> dict:
-    """Weights, optimizer, scheduler and client state; this rank's RNG state."""
-    _, client = engine.load_checkpoint(directory, tag=tag)
+def load(engine, directory: str, tag: str, strict: bool = True) -> dict:
+    """Weights, optimizer, scheduler and client state; this rank's RNG state.
+    strict=False for adapter-only (LoRA) checkpoints on top of already loaded base weights."""
+    _, client = engine.load_checkpoint(directory, tag=tag, load_module_strict=strict)
     rng = os.path.join(directory, tag, f"rng_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng):
         set_rng_state(torch.load(rng, weights_only=False))

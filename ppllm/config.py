@@ -16,6 +16,7 @@ import os
 from typing import Any, Literal
 
 import yaml
+from ppllm.lora import LoraConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Top-level keys DeepSpeed understands; they are passed through untouched.
@@ -124,6 +125,8 @@ class RunConfig(BaseModel):
     peak_tflops: float | None = Field(default=None, gt=0)
     #: write tensorboard event files to save_path/tensorboard
     tensorboard: bool = True
+    #: low-rank adapters {r, alpha, dropout, target_modules}; base weights are frozen
+    lora: LoraConfig | None = None
 
 
 PPLLM_KEYS = set(RunConfig.model_fields) | {"epochs"}
