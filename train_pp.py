@@ -224,7 +224,8 @@ def _record_grad_norm(engine) -> None:
     take_step = engine._take_model_step
 
     def with_norm(*args, **kwargs):
-        if engine.get_global_grad_norm() is None or not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        plain_fp32 = not (engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization())
+        if plain_fp32:
             sq = torch.zeros(1, dtype=torch.float64)
             for p in engine.module.parameters():
                 if p.grad is not None and not getattr(p, "ds_pipe_replicated", False):
@@ -411,8 +412,7 @@ def train(cfg: Config, quiet: bool = False) -> None:
         record = None
         if rank == 0:
             lrs = engine.get_lr()
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = engine.ppllm_grad_norm if grad_norm is None else grad_norm
+            grad_norm = engine.ppllm_grad_norm if engine.ppllm_grad_norm is not None else engine.get_global_grad_norm()
             tok_s = float(counts[0]) / dt
             record = {"step": step, "loss": loss, "lr": float(lrs[0]) if lrs else 0.0,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,

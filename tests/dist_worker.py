@@ -36,6 +36,11 @@ def main():
               "optimizer": {"type": sc.get("optimizer", "SGD"), "params": {"lr": sc.get("lr", 1.0)}},
               "steps_per_print": 10 ** 9,
               "pipeline": {"use_reentrant": False}, "gradient_clipping": sc.get("clip", 0.0)}
+        if sc.get("zero"):
+            ds["zero_optimization"] = {"stage": 1}
+            ds["zero_allow_untested_optimizer"] = True
+            if sc.get("offload"):
+                ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         engine, loss_fn, _ = build_engine(fam, margs, bounds, sc["pipe"], sc["data"], ds, 0,
                                           sc.get("grad_ckpt", False), sc["model_dir"])
         dp_rank = engine.grid.get_data_parallel_rank()
@@ -50,7 +55,8 @@ def main():
                 layers[module._local_start + local] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         for key, tied in module.tied_modules.items():
             layers[f"tied:{key}"] = {k: v.detach().clone() for k, v in tied.state_dict().items()}
-        torch.save({"loss": loss, "grad_norm": engine.ppllm_grad_norm, "layers": layers, "bounds": bounds},
+        torch.save({"loss": loss, "grad_norm": engine.ppllm_grad_norm if engine.ppllm_grad_norm is not None
+                    else engine.get_global_grad_norm(), "layers": layers, "bounds": bounds},
                    os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))
         torch.distributed.barrier()
     print(f"rank {rank}: done", flush=True)

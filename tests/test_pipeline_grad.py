@@ -52,6 +52,9 @@ def reference_update(model_dir, sc):
                 # pin that behaviour here so a change in DeepSpeed is noticed.
                 updated[idx] = {k: (p - sc["lr"] * torch.where(p.grad == 0, 1.0, torch.sign(p.grad)))
                                 for k, p in layer.named_parameters()}
+            elif sc.get("optimizer") == "Adam":  # first Adam step: -lr * g / (|g| + eps)
+                updated[idx] = {k: (p - sc["lr"] * p.grad / (p.grad.abs() + 1e-8))
+                                for k, p in layer.named_parameters()}
             else:  # SGD with lr 1
                 updated[idx] = {k: (p - p.grad) for k, p in layer.named_parameters()}
             before = {k: p.clone() for k, p in layer.named_parameters()}
@@ -99,6 +102,9 @@ SCEN_4 = [
     {"name": "p2d2_untied", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 21},
     {"name": "p2d2_tied", "model": "tied", "pipe": 2, "data": 2, "mbs": 1, "gas": 3, "seed": 22},
     {"name": "p2d2_clip", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 23, "clip": 0.5},
+    {"name": "p2d2_zero1", "model": "tied", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 24, "zero": 1},
+    {"name": "p2d2_offload", "model": "untied", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 25, "zero": 1,
+     "offload": True, "optimizer": "Adam", "lr": 1e-3},
 ]
 
 
