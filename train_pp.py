@@ -461,6 +461,10 @@ def main(argv=None) -> int:
              f"`deepspeed --num_gpus {cfg.world_size} train_pp.py --config {a.config}` "
              f"(or use --dry-run to check the config)")
         return 2
+    if resolve_precision(cfg) == "fp16" and not torch.cuda.is_available():
+        log0("error: precision fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
+             "use precision: bf16 or fp32 here")
+        return 2
     train(cfg, quiet=a.quiet)
     return 0
 
