@@ -129,12 +129,8 @@ class FinalNorm(RMSNorm):
         return super().forward(h), pos, doc
 
 
-class Head(nn.Module):
-    def __init__(self, a: LlamaArgs):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(a.vocab_size, a.hidden_size))
-        if self.weight.device.type != "meta":
-            nn.init.normal_(self.weight, std=a.initializer_range)
+class Head(Embed):
+    """Untied output projection: the same [V, H] matrix shape as the embedding."""
 
     def forward(self, inputs):
         h, _, _ = inputs
