@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="print per-stage memory (weights, grads, optimizer, "
                    "activations) and a proposed partition; exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the final line only")
+    p.add_argument("--show-samples", type=int, default=0, metavar="N",
+                   help="with the dry run: print N encoded samples with the trained spans marked «…»")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     return p.parse_args(argv)
 
@@ -106,21 +108,32 @@ def print_plan(cfg: Config, family, margs, bounds) -> None:
 
 
 def load_data(cfg: Config, model_type: str, files: list[str] | None = None):
-    from data.dataset import build_rows
+    """(tokenizer, packed rows, stats); every sample is validated first (strict: stop on any)."""
+    from data.dataset import build_rows, source_weights
     from data.templates import get_template
     from data.tokenizer import load_tokenizer
-    tok = load_tokenizer(cfg.tokenizer_path)
+    tok = load_tokenizer(cfg.tokenizer_path, model_type)
     template = get_template(cfg.run.template, tok, model_type)
-    rows, stats = build_rows(files if files is not None else cfg.data_files(), template, cfg.run.max_seq_len, cfg.run.packing,
-                             cfg.run.overlong, cfg.run.seed)
+    training = files is None or files == cfg.data_files()
+    files = cfg.data_files() if files is None else files
+    weights = source_weights(cfg.run.data_path, cfg.run.data_weights) if training else None
+    rows, stats = build_rows(files, template, cfg.run.max_seq_len, cfg.run.packing, cfg.run.overlong, cfg.run.seed,
+                             strict=cfg.run.strict, weights=weights,
+                             progress=int(os.environ.get("RANK", "0")) == 0)
+    stats.template = template.name
     return tok, rows, stats
 
 
 def print_data_stats(stats) -> None:
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(stats.samples.items()))
-    print(f"data: {sum(stats.samples.values())} samples ({kinds}); {stats.tokens} tokens, "
-          f"{stats.trained_tokens} trained; {stats.truncated} truncated, {stats.dropped} dropped; "
-          f"{stats.rows} rows, packing efficiency {stats.efficiency:.1%}")
+    template = f"template {stats.template}; " if getattr(stats, "template", None) else ""
+    print(f"data: {sum(stats.samples.values())} samples ({kinds}) from {len(stats.sources)} file(s); {template}"
+          f"{stats.tokens} tokens, {stats.trained_tokens} trained; {stats.truncated} truncated, "
+          f"{stats.dropped} dropped; {stats.rows} rows, packing efficiency {stats.efficiency:.1%} "
+          f"(one sample per row would be {stats.padded_efficiency:.1%})")
+    if stats.skipped:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items()))
+        print(f"data: skipped {sum(stats.skipped.values())} bad sample(s) (strict: false): {reasons}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,7 +342,11 @@ def train(cfg: Config, quiet: bool = False) -> None:
     from ppllm import checkpoint as ckpt
     from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
 
-    deepspeed.init_distributed(dist_backend=None)
+    import datetime
+
+    from ppllm import watchdog
+    deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(seconds=cfg.run.dist_timeout))
+    dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     torch.manual_seed(cfg.run.seed)
@@ -440,6 +457,7 @@ def train(cfg: Config, quiet: bool = False) -> None:
         save(total)
     if writer is not None:
         writer.close()
+    watchdog.stop(dog)
     log0(f"done: {total} steps; checkpoint in {cfg.run.save_path} (latest: {ckpt.tag_for(total)})")
 
 
@@ -454,8 +472,8 @@ def main(argv=None) -> int:
         return 2
     if a.plan:
         return memory_plan(cfg)
-    if a.dry_run:
-        return dry_run(cfg)
+    if a.dry_run or a.show_samples:
+        return dry_run(cfg, a.show_samples)
     if not launched:
         log0(f"error: start training through the DeepSpeed launcher, e.g. "
              f"`deepspeed --num_gpus {cfg.world_size} train_pp.py --config {a.config}` "
@@ -469,17 +487,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def dry_run(cfg: Config) -> int:
+def dry_run(cfg: Config, show_samples: int = 0) -> int:
     from data.dataset import DataError
     family, margs, bounds = plan(cfg)
     print(f"config {cfg.source}: OK")
     print_plan(cfg, family, margs, bounds)
     try:
-        _, rows, stats = load_data(cfg, margs.model_type)
-    except DataError as e:
+        tok, rows, stats = load_data(cfg, margs.model_type)
+    except (DataError, ValueError, FileNotFoundError) as e:  # bad samples, template/tokenizer mismatch
         print(f"error: {e}")
         return 2
     print_data_stats(stats)
+    if show_samples:
+        from data.preview import show_samples as render_samples
+        print(render_samples(rows, tok, show_samples, color=sys.stdout.isatty()))
     per_step = cfg.micro_batch * cfg.grad_accum * cfg.data
     steps = stats.rows // per_step * cfg.run.n_epoches
     if cfg.run.max_steps:

@@ -1,48 +1,200 @@
-"""Prompt templates: one place renders both training samples and inference prompts.
+"""Prompt templates: one piece of code renders training samples and inference prompts.
 
-A rendered sample is a list of ``(ids, trained)`` segments.  ``trained`` marks
-the tokens the model must learn to produce (their labels are kept).
+A template turns a sample into *parts*, a flat list of
+  * ``(text_or_ids, trained)``: a string (encoded later, in batches) or literal token ids;
+    ``trained`` marks tokens the model must learn to produce;
+  * ``CUT``: a turn boundary where an overlong sample may be truncated cleanly;
+  * ``Target(id)``: the label of the previous position is ``id`` although the next input
+    token is something else (baichuan2 learns EOS where the next user turn starts).
+
+``encode_parts`` resolves the strings and returns ids + *shifted* labels (``labels[i]`` is
+what position ``i`` must predict, -100 = nothing).  ``chat_prompt`` renders the same
+parts for a conversation that ends with a user turn, plus the assistant cue: the ids a
+model is given at inference.  So training and inference cannot diverge.
+
+Conversations reach a template as a ``Dialog``: a list of messages
+  ("user", text) | ("assistant", text) | ("call", thought, api_name, api_param) |
+  ("observation", api_result)
+plus an optional system text and tool description.
 """
 from __future__ import annotations
 
-from .tokenizer import Tokenizer
+import json
+from dataclasses import dataclass, field
 
-Segments = list[tuple[list[int], bool]]
+from .tokenizer import CHATGLM3_SPECIALS
+
+
+class _Cut:
+    def __repr__(self) -> str:
+        return "CUT"
+
+
+CUT = _Cut()
+
+
+@dataclass(frozen=True)
+class Target:
+    id: int
+
+
+@dataclass
+class Dialog:
+    messages: list[tuple]
+    system: str | None = None
+    tools: str | None = None
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    labels: list[int]                     # shifted: labels[i] is the target after token i
+    cuts: list[int] = field(default_factory=list)
+
+
+TOOLS_INTRO = "You can call the following tools:"
+
+
+def rounds_to_messages(rounds: list) -> list[tuple]:
+    """``[[role, content], ...]`` in the sample format (ask / ans / ans-api) -> messages.
+
+    Consecutive asks (or answers) are one turn, joined by a newline.  Accepts user /
+    assistant as role names too, for inference callers.
+    """
+    msgs: list[tuple] = []
+    for role, content in rounds:
+        if role in ("ask", "user"):
+            if msgs and msgs[-1][0] == "user":
+                msgs[-1] = ("user", msgs[-1][1] + "\n" + content)
+            else:
+                msgs.append(("user", content))
+        elif role in ("ans", "assistant"):
+            if msgs and msgs[-1][0] == "assistant":
+                msgs[-1] = ("assistant", msgs[-1][1] + "\n" + content)
+            else:
+                msgs.append(("assistant", content))
+        elif role == "ans-api":
+            for act in content.get("actions", []):
+                msgs.append(("call", act.get("inner_thought") or "", act["api_name"], act["api_param"]))
+                msgs.append(("observation", act["api_res"]))
+            msgs.append(("assistant", content["ans"]))
+        else:
+            raise ValueError(f"unknown role {role!r}")
+    return msgs
+
+
+def react_call(thought: str, name: str, param: str) -> str:
+    """Tool calls for families without a native format (ReAct style, trained)."""
+    head = f"{thought}\n" if thought else ""
+    return f"{head}Action: {name}\nAction Input: {param}\n"
+
+
+def react_observation(result: str) -> str:
+    return f"Observation: {result}\n"
+
+
+def encode_parts(tok, many: list[list]) -> list[Encoded]:
+    """Encode the strings of many part lists in one tokenizer batch, then assemble."""
+    texts = [p[0] for parts in many for p in parts if isinstance(p, tuple) and isinstance(p[0], str)]
+    encoded = iter(tok.encode_batch(texts))
+    out = []
+    for parts in many:
+        ids: list[int] = []
+        labels: list[int] = []
+        cuts: list[int] = []
+        for p in parts:
+            if p is CUT:
+                cuts.append(len(ids))
+                continue
+            if isinstance(p, Target):
+                if labels:
+                    labels[-1] = p.id
+                continue
+            payload, trained = p
+            toks = next(encoded) if isinstance(payload, str) else payload
+            if not toks:
+                continue
+            if trained:
+                if labels:
+                    labels[-1] = toks[0]
+                labels.extend(toks[1:])
+                labels.append(-100)
+            else:
+                labels.extend([-100] * len(toks))
+            ids.extend(toks)
+        out.append(Encoded(ids, labels, cuts))
+    return out
 
 
 class Template:
     name = "base"
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok):
         self.tok = tok
 
-    # training -----------------------------------------------------------------------
-    def pretrain(self, text: str) -> Segments:
-        ids = self.tok.encode(text)
-        segs: Segments = []
-        if self.tok.bos_id is not None:
-            segs.append(([self.tok.bos_id], False))
-        segs.append((ids + self._eos(), True))
-        return segs
+    # -- training -------------------------------------------------------------------------
+    def pretrain_parts(self, text: str) -> list:
+        return self._bos() + [(text, True), (self._eos(), True)]
 
-    def instruct(self, instruct: str, input: str | None, output: str) -> Segments:
-        return [(self.prompt_ids(self.instruct_prompt(instruct, input)), False),
-                (self.tok.encode(output) + self._eos(), True)]
+    def instruct_parts(self, instruct: str, input: str | None, output: str) -> list:
+        return self.dialog_parts(self.instruct_dialog(instruct, input, output))
 
-    # inference ----------------------------------------------------------------------
-    def instruct_prompt(self, instruct: str, input: str | None = None) -> str:
+    def dialog_parts(self, d: Dialog) -> list:
         raise NotImplementedError
 
+    @staticmethod
+    def instruct_dialog(instruct: str, input: str | None, output: str | None) -> Dialog:
+        user = f"{instruct}\n{input}" if input else instruct
+        msgs = [("user", user)] + ([("assistant", output)] if output is not None else [])
+        return Dialog(msgs)
+
+    def encode(self, parts: list) -> Encoded:
+        return encode_parts(self.tok, [parts])[0]
+
+    # -- inference ------------------------------------------------------------------------
+    def chat_prompt(self, rounds: list, system: str | None = None, tools: str | None = None) -> list[int]:
+        """Ids for a conversation ending with a user turn, up to where the model answers."""
+        msgs = rounds_to_messages(rounds)
+        if not msgs or msgs[-1][0] not in ("user", "observation"):
+            raise ValueError("chat_prompt: the conversation must end with a user turn (ask)")
+        return self.encode(self.dialog_parts(Dialog(msgs, system, tools)) + self.cue()).ids
+
+    def instruct_prompt_ids(self, instruct: str, input: str | None = None) -> list[int]:
+        return self.encode(self.instruct_parts(instruct, input, None) + self.cue()).ids
+
+    def cue(self) -> list:
+        """Parts that open the assistant turn when a template renders them separately."""
+        return []
+
+    def stop_ids(self) -> list[int]:
+        """Generation stops on any of these."""
+        return self._eos()
+
     def prompt_ids(self, prompt: str) -> list[int]:
-        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
-        return bos + self.tok.encode(prompt)
+        """BOS (by the tokenizer's convention) + a plain-text prompt; continuation prompts."""
+        return self.encode(self._bos() + [(prompt, False)]).ids
+
+    # -- helpers --------------------------------------------------------------------------
+    def _bos(self) -> list:
+        return [([self.tok.bos_id], False)] if getattr(self.tok, "adds_bos", False) else []
 
     def _eos(self) -> list[int]:
         return [self.tok.eos_id] if self.tok.eos_id is not None else []
 
+    def _special(self, token: str) -> int:
+        tid = self.tok.token_to_id(token)
+        if tid is None:
+            raise ValueError(f"template {self.name}: the tokenizer has no {token!r} token")
+        return tid
+
+    @staticmethod
+    def system_text(d: Dialog) -> str | None:
+        pieces = [p for p in (d.system, f"{TOOLS_INTRO}\n{d.tools}" if d.tools else None) if p]
+        return "\n\n".join(pieces) if pieces else None
+
 
 class PlainTemplate(Template):
-    """A readable format for base models without a chat format of their own."""
+    """A readable format for base models without a chat format (bloom, base llama, ...)."""
     name = "plain"
 
     def instruct_prompt(self, instruct: str, input: str | None = None) -> str:
@@ -50,22 +202,240 @@ class PlainTemplate(Template):
             return f"### Instruction:\n{instruct}\n\n### Input:\n{input}\n\n### Response:\n"
         return f"### Instruction:\n{instruct}\n\n### Response:\n"
 
+    def instruct_parts(self, instruct: str, input: str | None, output: str | None) -> list:
+        parts = self._bos() + [(self.instruct_prompt(instruct, input), False)]
+        return parts + ([(output, True), (self._eos(), True)] if output is not None else [])
+
+    def dialog_parts(self, d: Dialog) -> list:
+        parts = self._bos()
+        system = self.system_text(d)
+        if system:
+            parts.append((f"### System:\n{system}\n\n", False))
+        for m in d.messages:
+            if m[0] == "user":
+                parts.append((f"### User:\n{m[1]}\n\n### Assistant:\n", False))
+            elif m[0] == "assistant":
+                parts += [(m[1], True), (self._eos(), True), CUT]
+            elif m[0] == "call":
+                parts.append((react_call(*m[1:]), True))
+            else:
+                parts.append((react_observation(m[1]), False))
+        return parts
+
 
 class Llama2Template(Template):
-    """llama-2-chat: ``<s>[INST] {user} [/INST] {answer} </s>``; [INST] is plain text."""
+    """llama-2-chat, as Meta's reference code builds it: per round
+    ``<s>`` + "[INST] {user} [/INST]" + " {answer} " + ``</s>``; the system text sits in a
+    ``<<SYS>>`` block inside the first user turn.  ``[INST]`` is plain text."""
     name = "llama2"
 
     def instruct_prompt(self, instruct: str, input: str | None = None) -> str:
         user = f"{instruct}\n{input}" if input else instruct
-        return f"[INST] {user} [/INST]"
+        return f"[INST] {user.strip()} [/INST]"
+
+    def dialog_parts(self, d: Dialog) -> list:
+        parts = []
+        system = self.system_text(d)
+        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        for m in d.messages:
+            if m[0] == "user":
+                text = m[1].strip()
+                if system:
+                    text = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{text}"
+                    system = None
+                parts += [(bos, False), (f"[INST] {text} [/INST]", False)]
+            elif m[0] == "assistant":
+                parts += [(f"{m[1].strip()} ", True), (self._eos(), True), CUT]
+            elif m[0] == "call":
+                parts.append((react_call(*m[1:]), True))
+            else:
+                parts.append((react_observation(m[1]), False))
+        return parts
 
 
-TEMPLATES = {t.name: t for t in (PlainTemplate, Llama2Template)}
+class Llama3Template(Template):
+    """llama-3-instruct: ``<|begin_of_text|>`` then per message
+    ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``."""
+    name = "llama3"
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        self.bot = self._special("<|begin_of_text|>")
+        self.sh, self.eh = self._special("<|start_header_id|>"), self._special("<|end_header_id|>")
+        self.eot = self._special("<|eot_id|>")
+        self.eot_text = tok.token_to_id("<|end_of_text|>") or tok.eos_id
+
+    def _header(self, role: str) -> list:
+        return [([self.sh], False), (role, False), ([self.eh], False), ("\n\n", False)]
+
+    def pretrain_parts(self, text: str) -> list:
+        return [([self.bot], False), (text, True), ([self.eot_text], True)]
+
+    def dialog_parts(self, d: Dialog) -> list:
+        parts = [([self.bot], False)]
+        system = self.system_text(d)
+        if system:
+            parts += self._header("system") + [(system.strip(), False), ([self.eot], False)]
+        in_turn = False
+        for m in d.messages:
+            if m[0] == "user":
+                parts += self._header("user") + [(m[1].strip(), False), ([self.eot], False)]
+                continue
+            if not in_turn and m[0] in ("assistant", "call"):
+                parts += self._header("assistant")
+                in_turn = True
+            if m[0] == "assistant":
+                parts += [(m[1].strip(), True), ([self.eot], True), CUT]
+                in_turn = False
+            elif m[0] == "call":
+                parts.append((react_call(*m[1:]), True))
+            else:
+                parts.append((react_observation(m[1]), False))
+        return parts
+
+    def cue(self) -> list:
+        return self._header("assistant")
+
+    def stop_ids(self) -> list[int]:
+        return [self.eot, self.eot_text]
 
 
-def get_template(name: str, tok: Tokenizer, model_type: str | None = None) -> Template:
+class ChatGLM3Template(Template):
+    """chatglm3: ``[gMASK] sop`` then per message ``<|role|>`` + encode(metadata + "\\n") +
+    encode(content); no EOS between turns.  An answer is trained together with the role
+    token that follows it (the model's stop signal), or EOS at the very end.  Tools go
+    into the system turn as JSON; a call is an assistant message whose metadata is the API
+    name; its result is an ``<|observation|>`` message."""
+    name = "chatglm3"
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        self.ids = {name: self._special(name) for name in CHATGLM3_SPECIALS}
+
+    def _prefix(self) -> list:
+        return [([self.ids["[gMASK]"], self.ids["sop"]], False)]
+
+    def pretrain_parts(self, text: str) -> list:
+        return self._prefix() + [(text, True), (self._eos(), True)]
+
+    def _block(self, role: str, meta: str, content: str, trained: bool, after_answer: bool) -> list:
+        return [([self.ids[f"<|{role}|>"]], after_answer), (meta + "\n", trained), (content, trained)]
+
+    @staticmethod
+    def tool_call(name: str, param: str) -> str:
+        try:
+            args = json.loads(param)
+        except (TypeError, ValueError):
+            args = None
+        if not isinstance(args, dict):
+            return param
+        return "```python\ntool_call(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")\n```"
+
+    def dialog_parts(self, d: Dialog) -> list:
+        parts = self._prefix()
+        if d.system or d.tools:
+            content = d.system or ""
+            if d.tools:
+                try:
+                    tools = json.dumps(json.loads(d.tools), indent=4, ensure_ascii=False)
+                except ValueError:
+                    tools = d.tools
+                content = f"{content or TOOLS_INTRO}\n{tools}"
+            parts += self._block("system", "", content, False, False)
+        after = False  # the previous message was trained (assistant text or a call)
+        for m in d.messages:
+            if m[0] == "user":
+                if after:
+                    parts.append(CUT)
+                parts += self._block("user", "", m[1], False, after)
+                after = False
+            elif m[0] == "assistant":
+                parts += self._block("assistant", "", m[1], True, after)
+                after = True
+            elif m[0] == "call":
+                if m[1]:
+                    parts += self._block("assistant", "", m[1], True, after)
+                    after = True
+                parts += self._block("assistant", m[2], self.tool_call(m[2], m[3]), True, after)
+                after = True
+            else:
+                parts += self._block("observation", "", m[1], False, after)
+                after = False
+        if after:
+            parts.append((self._eos(), True))
+        return parts
+
+    def cue(self) -> list:
+        return [([self.ids["<|assistant|>"]], False)]
+
+    def stop_ids(self) -> list[int]:
+        return self._eos() + [self.ids["<|user|>"], self.ids["<|observation|>"]]
+
+
+class Baichuan2Template(Template):
+    """baichuan2-chat: ``195`` + user ids, ``196`` + assistant ids, EOS at the end, no BOS.
+    As in the official fine-tune, the last answer token of each turn learns EOS (the next
+    input token is 195), and 196 is not trained."""
+    name = "baichuan2"
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        gen = getattr(tok, "generation_config", {}) or {}
+        self.user_id = int(gen.get("user_token_id", 195))
+        self.assistant_id = int(gen.get("assistant_token_id", 196))
+
+    def dialog_parts(self, d: Dialog) -> list:
+        parts = self._bos()
+        system = self.system_text(d)
+        in_turn = answered = False
+        for m in d.messages:
+            if m[0] == "user":
+                text = m[1]
+                if system:
+                    text, system = f"{system}\n\n{text}", None
+                if answered:
+                    parts.append(Target(self.tok.eos_id))
+                parts += [([self.user_id], False), (text, False)]
+                in_turn = answered = False
+                continue
+            if not in_turn and m[0] in ("assistant", "call"):
+                parts.append(([self.assistant_id], False))
+                in_turn = True
+            if m[0] == "assistant":
+                parts += [(m[1], True), CUT]
+                in_turn, answered = False, True
+            elif m[0] == "call":
+                parts.append((react_call(*m[1:]), True))
+            else:
+                parts.append((react_observation(m[1]), False))
+        if answered:
+            parts.append((self._eos(), True))
+        return parts
+
+    def cue(self) -> list:
+        return [([self.assistant_id], False)]
+
+
+TEMPLATES = {t.name: t for t in (PlainTemplate, Llama2Template, Llama3Template, ChatGLM3Template,
+                                 Baichuan2Template)}
+
+
+def auto_template_name(tok, model_type: str | None) -> str:
+    """llama -> llama2 (llama3 when the tokenizer has the header tokens); chatglm -> chatglm3;
+    baichuan -> baichuan2; bloom and everything else -> plain."""
+    mt = (model_type or "").lower()
+    if mt in ("llama", "mistral"):
+        return "llama3" if tok.token_to_id("<|start_header_id|>") is not None else "llama2"
+    if mt == "chatglm":
+        return "chatglm3"
+    if mt == "baichuan":
+        return "baichuan2"
+    return "plain"
+
+
+def get_template(name: str, tok, model_type: str | None = None) -> Template:
     if name == "auto":
-        name = {"llama": "llama2", "mistral": "llama2"}.get(model_type or "", "plain")
+        name = auto_template_name(tok, model_type)
     if name not in TEMPLATES:
         raise ValueError(f"template {name!r} is not available; choose one of {sorted(TEMPLATES)} or auto")
     return TEMPLATES[name](tok)

@@ -106,6 +106,12 @@ class RunConfig(BaseModel):
     template: Literal["auto", "plain", "llama2", "llama3", "chatglm3", "baichuan2"] = "auto"
     #: what to do with a sample longer than max_seq_len
     overlong: Literal["truncate", "drop"] = "truncate"
+    #: stop before training when any sample is malformed, listing every FILE:LINE; false skips bad samples
+    #: and reports a count per reason
+    strict: bool = True
+    #: sampling weight per data_path entry (same order; a glob's files share its weight): 2.0 uses a source
+    #: twice per epoch, 0.5 a seeded half of it
+    data_weights: list[float] | None = None
     #: print the loss every N steps on rank 0 (0 = progress bar only)
     log_interval: int = Field(default=1, ge=0)
     #: auto: continue from save_path/latest when there is one; never; or a checkpoint folder
@@ -127,6 +133,10 @@ class RunConfig(BaseModel):
     tensorboard: bool = True
     #: low-rank adapters {r, alpha, dropout, target_modules}; base weights are frozen
     lora: LoraConfig | None = None
+    #: seconds without a heartbeat from a rank before every rank stops with a message naming it (0 = off)
+    watchdog_timeout: float = Field(default=30.0, ge=0)
+    #: seconds a collective may wait for the other ranks before it fails (the process-group timeout)
+    dist_timeout: float = Field(default=1800.0, gt=0)
 
 
 PPLLM_KEYS = set(RunConfig.model_fields) | {"epochs"}

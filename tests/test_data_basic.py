@@ -40,7 +40,7 @@ def test_instruct_trains_only_output_and_one_eos(tmp_path, tok):
     rec = {"type": "instruct", "instruct": "Add the numbers.", "input": "1 and 2", "output": "3"}
     rows, _ = build_rows([write(tmp_path, [rec])], t, 64)
     prompt = t.prompt_ids(t.instruct_prompt("Add the numbers.", "1 and 2"))
-    out = tok.encode("3") + [tok.eos_id]
+    out = tok.encode("3 ") + [tok.eos_id]  # Meta's llama-2-chat: " {answer} " then </s>
     n = len(prompt) + len(out)
     assert rows["input_ids"][0, :n].tolist() == prompt + out
     lab = rows["labels"][0]
