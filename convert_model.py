@@ -241,12 +241,18 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
         weight_map: dict[str, str] = {}
         total = sum(os.path.getsize(layer_file(layers_dir, i)) for i in expected)
 
+        layout = family.export_layout(args)  # the family's original file layout
+        first_dtype: list[torch.dtype] = []
+
         def flush():
             nonlocal buf, buf_bytes
             if not buf:
                 return
             name = f"shard-{len(shards):05d}.tmp"
-            save_file(buf, os.path.join(tmp, name), metadata={"format": "pt"})
+            if layout == "bin":
+                torch.save(buf, os.path.join(tmp, name))
+            else:
+                save_file(buf, os.path.join(tmp, name), metadata={"format": "pt"})
             shards.append((name, list(buf)))
             buf, buf_bytes = {}, 0
 
@@ -269,6 +275,8 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
                     continue
                 hf_key = keymap.to_hf(f"{slot}.{local}")
                 t = _own_copy(t, torch_dtype)
+                if not first_dtype:
+                    first_dtype.append(t.dtype)
                 nbytes = t.numel() * t.element_size()
                 if buf and buf_bytes + nbytes > max_shard_bytes:
                     flush()
@@ -276,7 +284,7 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
                 buf_bytes += nbytes
             bar.update(os.path.getsize(path))
             del state
-        for key, t in family.export_extra(args).items():
+        for key, t in family.export_extra(args, first_dtype[0] if first_dtype else torch.float32).items():
             buf[key] = t
         bar.close()
         if problems:
@@ -284,13 +292,15 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
         flush()
         n = len(shards)
         total_size = 0
+        stem, ext, index_name = (("pytorch_model", "bin", "pytorch_model.bin.index.json") if layout == "bin"
+                                 else ("model", "safetensors", "model.safetensors.index.json"))
         for i, (tmp_name, keys) in enumerate(shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            final = f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}"
             os.replace(os.path.join(tmp, tmp_name), os.path.join(tmp, final))
             total_size += os.path.getsize(os.path.join(tmp, final))
             for k in keys:
                 weight_map[k] = final
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(tmp, index_name), "w") as f:
             json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
                       f, indent=2)
         copied = _copy_side_files(config_dir, tmp)

@@ -9,10 +9,12 @@ import json
 import os
 from typing import Any
 
+from .baichuan2 import Baichuan2Family
+from .chatglm3 import ChatGLM3Family
 from .family import Family
 from .llama import LlamaFamily
 
-FAMILIES: list[Family] = [LlamaFamily()]
+FAMILIES: list[Family] = [LlamaFamily(), Baichuan2Family(), ChatGLM3Family()]
 
 
 def get_family(model_type: str) -> Family:

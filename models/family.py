@@ -94,7 +94,7 @@ class Family:
         from .common import TokenLoss
         return TokenLoss()
 
-    def export_extra(self, args: Any) -> dict[str, torch.Tensor]:
+    def export_extra(self, args: Any, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """HF tensors that are not trained but belong in an exported checkpoint."""
         return {}
 
