@@ -88,7 +88,8 @@ def assert_same_files(src_state: dict, folder, index_name: str):
 
 # ---------------------------------------------------------------------------------------- baichuan2
 
-def baichuan_checkpoint(folder, z_loss_weight=0.0):
+def baichuan_checkpoint(folder, z_loss_weight=0.0, vocab=V, extra_files=None):
+    V = vocab
     torch.manual_seed(0)
     ref = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                        num_attention_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -114,7 +115,8 @@ def baichuan_checkpoint(folder, z_loss_weight=0.0):
               "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
               "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "z_loss_weight": z_loss_weight,
               "auto_map": {"AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}}
-    save_bin_checkpoint(folder, state, config, extra_files={"modeling_baichuan.py": "# remote code\n"})
+    save_bin_checkpoint(folder, state, config, extra_files={"modeling_baichuan.py": "# remote code\n",
+                                                            **(extra_files or {})})
     return ref, state
 
 
@@ -153,7 +155,8 @@ def test_baichuan2_z_loss(tmp_path):
 
 # ----------------------------------------------------------------------------------------- chatglm3
 
-def chatglm_checkpoint(folder, rope_ratio=1.0, groups=2):
+def chatglm_checkpoint(folder, rope_ratio=1.0, groups=2, vocab=V, extra_files=None):
+    V = vocab
     torch.manual_seed(0)
     N, hd, H, I = 4, 16, 64, 96
     ref = GlmForCausalLM(GlmConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
@@ -185,7 +188,8 @@ def chatglm_checkpoint(folder, rope_ratio=1.0, groups=2):
               "post_layer_norm": True, "original_rope": True, "rope_ratio": rope_ratio, "seq_length": 128,
               "apply_residual_connection_post_layernorm": False, "torch_dtype": "float32"}
     save_bin_checkpoint(folder, state, config, shards=3,
-                        extra_files={"modeling_chatglm.py": "# remote code\n", "tokenizer_config.json": "{}"})
+                        extra_files={"modeling_chatglm.py": "# remote code\n", "tokenizer_config.json": "{}",
+                                     **(extra_files or {})})
     return ref, state
 
 
