@@ -10,11 +10,12 @@ import os
 from typing import Any
 
 from .baichuan2 import Baichuan2Family
+from .bloom import BloomFamily
 from .chatglm3 import ChatGLM3Family
 from .family import Family
 from .llama import LlamaFamily
 
-FAMILIES: list[Family] = [LlamaFamily(), Baichuan2Family(), ChatGLM3Family()]
+FAMILIES: list[Family] = [LlamaFamily(), BloomFamily(), Baichuan2Family(), ChatGLM3Family()]
 
 
 def get_family(model_type: str) -> Family:

@@ -56,12 +56,27 @@ class PipeModel(PipelineModule):
     def __init__(self, layers, *, bounds: list[int], **kwargs):
         self._ppllm_bounds = [int(b) for b in bounds]
         super().__init__(layers, **kwargs)
+        self.freeze_unused_tied_parts()
         # DeepSpeed's fp32 gradient clipping (runtime.utils.clip_grad_norm_) sums norms over the
         # pipeline group but only counts parameters of stage 0 unless a parameter is flagged
         # model-parallel, so later stages were ignored. Flag every parameter this stage owns;
         # tied copies on non-owner stages stay unflagged so they are counted once.
         # Proven by tests/test_pipeline_grad.py (clip scenarios).
         self.flag_stage_parameters()
+
+    def freeze_unused_tied_parts(self) -> None:
+        """A tied module is built whole on every stage that uses it, but a stage that only runs its
+        ``forward_fn`` (bloom's head) uses just the tied attribute; the rest (bloom's embedding
+        LayerNorm) would sit in the optimizer with no gradient and never be loaded. Freeze it there."""
+        for key, module in self.tied_modules.items():
+            owners = [i for i, s in enumerate(self._layer_specs)
+                      if isinstance(s, TiedLayerSpec) and s.key == key and s.forward_fn is None]
+            if any(self._local_start <= i < self._local_stop for i in owners):
+                continue
+            shared = set(self.tied_weight_attrs[key])
+            for name, p in module.named_parameters():
+                if name not in shared:
+                    p.requires_grad_(False)
 
     def flag_stage_parameters(self) -> None:
         """Call again after adding parameters (LoRA)."""

@@ -54,7 +54,8 @@ def main():
             if isinstance(layer, torch.nn.Module):
                 layers[module._local_start + local] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         for key, tied in module.tied_modules.items():
-            layers[f"tied:{key}"] = {k: v.detach().clone() for k, v in tied.state_dict().items()}
+            # the shared matrix as this stage holds it (on the last stage: the head's copy)
+            layers[f"tied:{key}"] = {k: getattr(tied, k).detach().clone() for k in module.tied_weight_attrs[key]}
         torch.save({"loss": loss, "grad_norm": engine.ppllm_grad_norm if engine.ppllm_grad_norm is not None
                     else engine.get_global_grad_norm(), "layers": layers, "bounds": bounds},
                    os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))

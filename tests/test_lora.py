@@ -123,3 +123,33 @@ def test_plan_shows_lora_optimizer_saving(tmp_path):
         rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
         return sum(float(r[5]) for r in rows[:2])
     assert " lora" in lora and optim_col(lora) < optim_col(full) / 5
+
+
+TINY_CONFIGS = {
+    "bloom": ({"model_type": "bloom", "vocab_size": 50, "hidden_size": 32, "n_layer": 2, "n_head": 4},
+              ["query_key_value", "dense_4h_to_h"]),
+    "chatglm": ({"model_type": "chatglm", "padded_vocab_size": 50, "hidden_size": 32, "ffn_hidden_size": 48,
+                 "num_layers": 2, "num_attention_heads": 4, "kv_channels": 8, "multi_query_attention": True,
+                 "multi_query_group_num": 2, "add_qkv_bias": True, "layernorm_epsilon": 1e-5},
+                ["query_key_value", "dense"]),
+    "baichuan": ({"model_type": "baichuan", "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-6}, ["W_pack", "o_proj"]),
+}
+
+
+@pytest.mark.parametrize("model_type", list(TINY_CONFIGS))
+def test_lora_targets_each_familys_own_module_names(model_type):
+    cfg, targets = TINY_CONFIGS[model_type]
+    fam = get_family(model_type)
+    margs = fam.parse_config(cfg)
+    model = SequentialModel(fam.build_specs(margs))
+    x = (torch.randint(0, 50, (1, 8)), torch.arange(8)[None], torch.zeros(1, 8, dtype=torch.long))
+    before = model(x).detach()
+    lcfg = LoraConfig(r=2, alpha=4.0, dropout=0.0, target_modules=targets)
+    assert apply_lora(model, lcfg) == 2 * len(targets)
+    assert torch.equal(model(x), before)
+    with torch.no_grad():  # a non-zero B changes the output: the adapters are really in the forward
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_()
+    assert not torch.allclose(model(x), before)

@@ -8,12 +8,14 @@ import os
 
 import pytest
 import torch
+from transformers import BloomConfig, BloomForCausalLM
 
 import convert_model as cm
 from models import load_family
 from models.pipeline import SequentialModel
 from ppllm.tiny import make_llama
 from tests.helpers import launch, synthetic_batches, token_weighted_loss
+from tests.test_families import nontrivial_norms
 
 SEQ, VOCAB = 32, 96
 
@@ -27,6 +29,12 @@ def models(tmp_path_factory):
                         intermediate_size=64, **kw)
         cm.hg_to_pp(hf, str(root / f"pp_{name}"), quiet=True)
         out[name] = str(root / f"pp_{name}")
+    torch.manual_seed(2)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4))
+    nontrivial_norms(bloom)
+    bloom.save_pretrained(root / "hf_bloom")
+    cm.hg_to_pp(str(root / "hf_bloom"), str(root / "pp_bloom"), quiet=True)
+    out["bloom"] = str(root / "pp_bloom")
     out["root"] = root
     return out
 
@@ -97,6 +105,8 @@ SCEN_2 = [
     {"name": "p2_clip", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 15, "clip": 0.5},
     {"name": "p2_lion", "model": "untied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 16,
      "optimizer": "Lion", "lr": 0.01},
+    # bloom: TiedLayerSpec embedding/head across the two stages, embedding LayerNorm, ALiBi
+    {"name": "p2_bloom", "model": "bloom", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 17, "clip": 0.5},
 ]
 SCEN_4 = [
     {"name": "p2d2_untied", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 21},
@@ -105,6 +115,7 @@ SCEN_4 = [
     {"name": "p2d2_zero1", "model": "tied", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 24, "zero": 1},
     {"name": "p2d2_offload", "model": "untied", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 25, "zero": 1,
      "offload": True, "optimizer": "Adam", "lr": 1e-3},
+    {"name": "p2d2_bloom", "model": "bloom", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 26},
 ]
 
 
