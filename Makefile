@@ -20,7 +20,10 @@ venv: $(STAMP)
 demo: venv
 	bash scripts/demo.sh
 
+# scripts/system_deps.sh: pdsh + openssh-server for the multi-node test when they are missing and
+# installable (root with apt); otherwise it says why and that test is skipped with the reason
 test: venv
+	bash scripts/system_deps.sh
 	$(PY) -m pytest tests
 
 clean:

@@ -106,7 +106,11 @@ def load_layer(module: nn.Module, directory: str, index: int) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: the pipeline folder is incomplete "
                                 f"(re-run convert_model.py hg_to_pp, or gather the files every stage wrote)")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise RuntimeError(f"{path} is not a readable layer file (truncated or corrupt: {str(e)[:200]}); "
+                           f"restore it, or re-create the folder with convert_model.py hg_to_pp") from e
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".lora_" not in k]  # adapters are not in base weights
     if missing or unexpected:

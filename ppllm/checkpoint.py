@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import socket
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def read_latest(save_path: str) -> str | None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique across nodes sharing a filesystem
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -69,36 +70,54 @@ def save(engine, save_path: str, step: int, client_state: dict, side_files_from:
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
     rank = dist.get_rank()
+    node_leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    final = os.path.join(save_path, tag)
+    tmp_dir = os.path.join(save_path, tmp_tag)
+    # Nodes may or may not share a filesystem, so every node's leader finishes its own copy of the
+    # folder, and every step below is safe when several leaders do it on the same folder at once.
+    if node_leader:
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed run)
+    dist.barrier()
     engine.save_checkpoint(save_path, tag=tmp_tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=lora is not None)
-    tmp_dir = os.path.join(save_path, tmp_tag)
     os.makedirs(tmp_dir, exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp_dir, f"rng_rank{rank}.pt"))
     dist.barrier()
-    # one process per node finishes the folder (nodes may not share a filesystem)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.path.isdir(tmp_dir):
-        from convert_model import _copy_side_files
-        _copy_side_files(side_files_from, tmp_dir)
-        meta = os.path.join(side_files_from, "ppllm.json")
-        if os.path.isfile(meta):
-            shutil.copy2(meta, tmp_dir)
-        with open(os.path.join(tmp_dir, "ppllm_partition.json"), "w") as f:
-            json.dump(partition, f)
-        if lora is not None:
-            from ppllm.lora import write_meta
-            write_meta(tmp_dir, lora, side_files_from)
-        final = os.path.join(save_path, tag)
+    if node_leader:
+        _add_side_files(tmp_dir, side_files_from, partition, lora)
+    dist.barrier()
+    if node_leader:
         try:
-            if os.path.isdir(final):
-                shutil.rmtree(final)
             os.replace(tmp_dir, final)
         except FileNotFoundError:
-            pass  # another node on a shared filesystem renamed it first
+            pass  # another node's leader on a shared filesystem renamed it first
         _write_atomic(os.path.join(save_path, "latest"), tag)
-        if keep_last:
-            prune(save_path, keep_last)
+    dist.barrier()
+    if node_leader and keep_last:
+        prune(save_path, keep_last)
     dist.barrier()
     return tag
+
+
+def _add_side_files(tmp_dir: str, side_files_from: str, partition: dict, lora) -> None:
+    """config, tokenizer and ppllm metadata beside the layer files. Each file is staged in a
+    folder of this node's own and moved in with os.replace, so leaders of several nodes writing
+    the same file on a shared filesystem never leave a half-written one."""
+    from convert_model import _copy_side_files
+    stage = os.path.join(tmp_dir, f".side-{socket.gethostname()}-{os.getpid()}")
+    os.makedirs(stage, exist_ok=True)
+    _copy_side_files(side_files_from, stage)
+    meta = os.path.join(side_files_from, "ppllm.json")
+    if os.path.isfile(meta):
+        shutil.copy2(meta, stage)
+    with open(os.path.join(stage, "ppllm_partition.json"), "w") as f:
+        json.dump(partition, f)
+    if lora is not None:
+        from ppllm.lora import write_meta
+        write_meta(stage, lora, side_files_from)
+    for name in os.listdir(stage):
+        os.replace(os.path.join(stage, name), os.path.join(tmp_dir, name))
+    os.rmdir(stage)
 
 
 def prune(save_path: str, keep_last: int) -> None:

@@ -68,6 +68,12 @@ class Watchdog:
         self._exiting = False
         self._prev_hook = sys.excepthook
         sys.excepthook = self._excepthook
+        try:  # every rank is here within moments of init_distributed: learn where each runs, once
+            keys = [f"{PREFIX}who/{r}" for r in range(world)]
+            self.store.wait(keys, timedelta(seconds=max(self.timeout, 5.0)))
+            self._who = {r: v.decode() for r, v in enumerate(self.store.multi_get(keys))}
+        except Exception:  # noqa: BLE001 - a rank missing here is reported by the thread
+            pass
         self._thread = threading.Thread(target=self._run, name="ppllm-watchdog", daemon=True)
         self._thread.start()
 
