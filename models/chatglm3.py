@@ -17,7 +17,7 @@ from torch import nn
 
 from .common import RMSNorm, RopeCache, check_stage_tuple, default_inv_freq, rope_interleaved_partial, sdpa_attention
 from .family import Family, KeyMap, LayerSpec, init_linear_
-from .llama import Embed
+from .llama import Embed, FinalNorm, Head
 
 
 @dataclass
@@ -95,19 +95,13 @@ class GLMBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), pos, doc
 
 
-class GLMFinalNorm(RMSNorm):
+class GLMFinalNorm(FinalNorm):
     def __init__(self, a: ChatGLMArgs):
-        super().__init__(a.hidden_size, a.eps, weight_in_fp32=True)
-
-    def forward(self, inputs):
-        h, pos, doc = inputs
-        return super().forward(h), pos, doc
+        RMSNorm.__init__(self, a.hidden_size, a.eps, weight_in_fp32=True)
 
 
-class OutputLayer(Embed):
-    def forward(self, inputs):
-        h, _, _ = inputs
-        return F.linear(h, self.weight)
+class OutputLayer(Head):
+    """chatglm3's name for its untied output projection."""
 
 
 class ChatGLM3Family(Family):

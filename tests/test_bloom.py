@@ -12,7 +12,7 @@ from transformers import BloomConfig, BloomForCausalLM
 import convert_model as cm
 from models import get_family
 from models.bloom import alibi_slopes
-from tests.test_families import inputs, nontrivial_norms, ours, packed_matches_alone, shifted
+from tests.test_families import assert_parity, nontrivial_norms, ours, packed_matches_alone
 
 V = 150
 
@@ -57,12 +57,7 @@ def test_bloom_parity_roundtrip_and_packing(tmp_path, heads):
     cm.hg_to_pp(str(tmp_path / "src"), str(tmp_path / "pp"), quiet=True)
     fam, args, model = ours(str(tmp_path / "pp"))
     assert fam.name == "bloom" and fam.is_tied(args)
-    ids, pos, doc = inputs()
-    with torch.no_grad():
-        r = ref(ids, labels=ids)
-        out = model((ids, pos, doc))
-    assert (out - r.logits).abs().max() < 1e-5
-    assert abs(fam.loss_fn(args)(out, shifted(ids)).item() - r.loss.item()) < 1e-5
+    ids, r = assert_parity(ref, fam, args, model)
     # ALiBi positions restart per packed document: each document scores as if it were alone
     packed_matches_alone(model, lambda x: ref(x).logits)
     # exactly one layer file holds the tied matrix (the embedding's); the head has none

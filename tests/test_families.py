@@ -63,6 +63,17 @@ def shifted(ids):
     return labels
 
 
+def assert_parity(ref, fam, args, model, S=24, what=""):
+    """fp32 logits within 1e-5 of the reference, and the family's loss equals the reference's."""
+    ids, pos, doc = inputs(S=S)
+    with torch.no_grad():
+        r = ref(ids, labels=ids)
+        out = model((ids, pos, doc))
+    assert (out - r.logits).abs().max() < 1e-5, what
+    assert abs(fam.loss_fn(args)(out, shifted(ids)).item() - r.loss.item()) < 1e-5, what
+    return ids, r
+
+
 def packed_matches_alone(model, ref_fn):
     g = torch.Generator().manual_seed(5)
     a, b = torch.randint(0, V, (1, 9), generator=g), torch.randint(0, V, (1, 14), generator=g)
@@ -124,12 +135,7 @@ def test_baichuan2_parity_roundtrip_and_packing(tmp_path):
     ref, state = baichuan_checkpoint(tmp_path / "src")
     cm.hg_to_pp(str(tmp_path / "src"), str(tmp_path / "pp"), quiet=True)
     fam, args, model = ours(str(tmp_path / "pp"))
-    ids, pos, doc = inputs()
-    with torch.no_grad():
-        r = ref(ids, labels=ids)
-        out = model((ids, pos, doc))
-    assert (out - r.logits).abs().max() < 1e-5
-    assert abs(fam.loss_fn(args)(out, shifted(ids)).item() - r.loss.item()) < 1e-5
+    assert_parity(ref, fam, args, model)
     packed_matches_alone(model, lambda x: ref(x).logits)
     # the stored head stays raw: an export behaves identically in the original code
     head = torch.load(tmp_path / "pp" / "layer_04-model_states.pt", weights_only=True)["weight"]
@@ -198,12 +204,7 @@ def test_chatglm3_parity_roundtrip_and_packing(tmp_path, rope_ratio, groups):
     ref, state = chatglm_checkpoint(tmp_path / "src", rope_ratio, groups)
     cm.hg_to_pp(str(tmp_path / "src"), str(tmp_path / "pp"), quiet=True)
     fam, args, model = ours(str(tmp_path / "pp"))
-    ids, pos, doc = inputs()
-    with torch.no_grad():
-        r = ref(ids, labels=ids)
-        out = model((ids, pos, doc))
-    assert (out - r.logits).abs().max() < 1e-5
-    assert abs(fam.loss_fn(args)(out, shifted(ids)).item() - r.loss.item()) < 1e-5
+    assert_parity(ref, fam, args, model)
     packed_matches_alone(model, lambda x: ref(x).logits)
     cm.pp_to_hg(str(tmp_path / "pp"), str(tmp_path / "back"), quiet=True, max_shard_bytes=50_000)
     assert_same_files(state, tmp_path / "back", "pytorch_model.bin.index.json")  # inv_freq regenerated
@@ -265,12 +266,7 @@ def test_qwen2_and_mistral_parity(tmp_path):
         model.save_pretrained(tmp_path / name)
         cm.hg_to_pp(str(tmp_path / name), str(tmp_path / f"{name}_pp"), quiet=True)
         fam, args, ours_model = ours(str(tmp_path / f"{name}_pp"))
-        ids, pos, doc = inputs(S=20)
-        with torch.no_grad():
-            r = model(ids, labels=ids)
-            out = ours_model((ids, pos, doc))
-        assert (out - r.logits).abs().max() < 1e-5, name
-        assert abs(fam.loss_fn(args)(out, shifted(ids)).item() - r.loss.item()) < 1e-5, name
+        assert_parity(model, fam, args, ours_model, S=20, what=name)
         if name == "qwen2":
             assert args.qkv_bias and not args.o_bias
         else:
