@@ -1,0 +1,60 @@
+"""``train_pp.py`` with every pipeline instruction timed (``pipeline_efficiency.py --profile``).
+
+DeepSpeed's own ``wall_clock_breakdown`` stops the pipeline engine with "bwd_microstep
+timer has already been started", so this wraps the engine's instruction handlers
+instead and adds up seconds per instruction on each rank.  After the run each rank
+writes ``rank<N>.json`` into ``$PPLLM_PIPE_PROFILE``: {instruction: [seconds, calls]}
+for the steps after the first ``$PPLLM_PIPE_PROFILE_SKIP`` (default 3).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def install(out_dir: str, skip: int) -> None:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    state = {"batches": 0, "t_batch": 0.0}
+
+    def wrap(fn):
+        label = fn.__name__.replace("_exec_", "")
+
+        def timed(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(self, *args, **kwargs)
+            if state["batches"] >= skip:
+                rec = totals[label]
+                rec[0] += time.perf_counter() - t0
+                rec[1] += 1
+            return out
+        return timed
+
+    # the engine dispatches through this class-level table, not through attribute lookup
+    for cls, fn in list(PipelineEngine._INSTRUCTION_MAP.items()):
+        PipelineEngine._INSTRUCTION_MAP[cls] = wrap(fn)
+    train_batch = PipelineEngine.train_batch
+
+    def counted(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = train_batch(self, *args, **kwargs)
+        if state["batches"] >= skip:
+            state["t_batch"] += time.perf_counter() - t0
+        state["batches"] += 1
+        rank = int(os.environ.get("RANK", "0"))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"train_batch": [state["t_batch"], max(0, state["batches"] - skip)], **totals}, f)
+        return out
+    PipelineEngine.train_batch = counted
+
+
+if __name__ == "__main__":
+    out = os.environ["PPLLM_PIPE_PROFILE"]
+    os.makedirs(out, exist_ok=True)
+    install(out, int(os.environ.get("PPLLM_PIPE_PROFILE_SKIP", "3")))
+    import train_pp
+    sys.exit(train_pp.main())

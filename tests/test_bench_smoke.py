@@ -1,0 +1,48 @@
+"""The benchmark scripts' cheap paths still run and end with a parseable RESULT line.
+
+No timing is asserted: these only keep bench/ alive on a CPU-only machine.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def run_bench(args: list[str], timeout: int) -> dict[str, float]:
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{args} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    lines = [line for line in p.stdout.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("RESULT "), p.stdout[-2000:]
+    values = {}
+    for item in lines[-1].split()[1:]:
+        key, _, value = item.partition("=")
+        values[key] = float(value)
+    return values
+
+
+# The first DeepSpeed process on a fresh machine compiles its CPU communication op (about a minute).
+@pytest.mark.timeout(400)
+def test_gpu_mfu_smoke():
+    r = run_bench(["bench/gpu_mfu.py", "--smoke"], timeout=380)
+    assert set(r) == {"mfu_ppllm", "mfu_hf", "ratio"}
+    assert r["mfu_ppllm"] > 0 and r["mfu_hf"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_convert_tiny():
+    r = run_bench(["bench/convert.py", "--size-gb", "0.01", "--small-gb", "0", "--hidden", "128", "--vocab", "2000"],
+                  timeout=220)
+    assert set(r) == {"hg_to_pp_vs_cp", "pp_to_hg_vs_cp", "peak_rss_mb"}
+    assert r["peak_rss_mb"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_layers_vs_hf_tiny():
+    r = run_bench(["bench/layers_vs_hf.py", "--repeats", "2", "--warmup", "1", "--hidden", "64", "--layers", "2",
+                   "--seq", "64", "--vocab", "512"], timeout=160)
+    assert set(r) == {"layers_vs_hf"} and r["layers_vs_hf"] > 0
