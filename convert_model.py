@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from collections import OrderedDict
@@ -205,13 +206,54 @@ def resolve_pipeline_dir(input_path: str, tag: str | None = None) -> tuple[str, 
     raise ConversionError(f"no config.json in {layers} or {input_path}")
 
 
+class _Entry:
+    """One output tensor of pp_to_hg: where it comes from and what it becomes."""
+    __slots__ = ("key", "idx", "local", "shape", "dtype", "nbytes")
+
+    def __init__(self, key, idx, local, shape, dtype):
+        self.key, self.idx, self.local, self.shape, self.dtype = key, idx, local, shape, dtype
+        n = 1
+        for d in shape:
+            n *= d
+        self.nbytes = n * torch.empty((), dtype=dtype).element_size()
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: str, entries: list, tensor, bar=None) -> None:
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is
+    known from the plan, so no tensor has to wait in memory for the others (the format is an
+    8-byte little-endian header length, the JSON header padded to 8 bytes, then the raw data)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.key] = {"dtype": _ST_DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for e in entries:
+            t = tensor(e).contiguous()
+            if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+                raise ConversionError(f"{e.key}: got {t.dtype} {list(t.shape)}, planned {e.dtype} {list(e.shape)}")
+            if sys.byteorder != "little":
+                raise ConversionError("safetensors export needs a little-endian machine")
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t
+            if bar is not None:
+                bar.update(e.nbytes)
+
+
 def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str | None = None,
              force: bool = False, max_shard_bytes: int = 2 << 30, quiet: bool = False,
              lora_only: bool = False) -> dict:
     """HF checkpoint from a pipeline folder or training save_path. An adapter (LoRA) checkpoint is
     merged into its base weights, or with lora_only written as a PEFT adapter."""
-    from safetensors.torch import save_file
-
     from ppllm import lora as lora_mod
     layers_dir, config_dir = resolve_pipeline_dir(input_path, tag)
     adapter = lora_mod.read_meta(layers_dir)
@@ -235,35 +277,16 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
                               + _stage_hint(layers_dir, missing))
     tmp = _prepare_output(save_path, force)
     try:
-        shards: list[tuple[str, list[str]]] = []
-        buf: dict[str, torch.Tensor] = {}
-        buf_bytes = 0
-        weight_map: dict[str, str] = {}
-        total = sum(os.path.getsize(layer_file(layers_dir, i)) for i in expected)
-
         layout = family.export_layout(args)  # the family's original file layout
-        first_dtype: list[torch.dtype] = []
-
-        def flush():
-            nonlocal buf, buf_bytes
-            if not buf:
-                return
-            name = f"shard-{len(shards):05d}.tmp"
-            if layout == "bin":
-                torch.save(buf, os.path.join(tmp, name))
-            else:
-                save_file(buf, os.path.join(tmp, name), metadata={"format": "pt"})
-            shards.append((name, list(buf)))
-            buf, buf_bytes = {}, 0
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="pp_to_hg", disable=quiet)
-        problems: list[str] = []
+        # pass 1 (metadata only: layer files are memory-mapped, nothing is read): check every
+        # tensor and plan the shards, so pass 2 can stream each tensor straight into its file
+        entries, problems = [], []
+        out_dtype = None
         for idx in sorted(expected):
             path = layer_file(layers_dir, idx)
             state = load_state(idx)
             want = expected[idx]
-            extra = sorted(set(state) - set(want))
-            lacking = sorted(set(want) - set(state))
+            extra, lacking = sorted(set(state) - set(want)), sorted(set(want) - set(state))
             if extra or lacking:
                 problems.append(f"{path}: missing {lacking}, unexpected {extra}")
                 continue
@@ -273,23 +296,49 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
                 if tuple(t.shape) != tuple(want[local]):
                     problems.append(f"{path}: {local} has shape {list(t.shape)}, config implies {list(want[local])}")
                     continue
-                hf_key = keymap.to_hf(f"{slot}.{local}")
-                t = _own_copy(t, torch_dtype)
-                if not first_dtype:
-                    first_dtype.append(t.dtype)
-                nbytes = t.numel() * t.element_size()
-                if buf and buf_bytes + nbytes > max_shard_bytes:
-                    flush()
-                buf[hf_key] = t
-                buf_bytes += nbytes
-            bar.update(os.path.getsize(path))
+                dt = torch_dtype if torch_dtype is not None and t.is_floating_point() else t.dtype
+                out_dtype = out_dtype or dt
+                entries.append(_Entry(keymap.to_hf(f"{slot}.{local}"), idx, local, tuple(t.shape), dt))
             del state
-        for key, t in family.export_extra(args, first_dtype[0] if first_dtype else torch.float32).items():
-            buf[key] = t
-        bar.close()
         if problems:
             raise ConversionError(f"{layers_dir}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-        flush()
+        extras = family.export_extra(args, out_dtype or torch.float32)
+        entries += [_Entry(k, None, k, tuple(t.shape), t.dtype) for k, t in extras.items()]
+        shards: list[list[_Entry]] = [[]]
+        shard_bytes = 0
+        for e in entries:
+            if shards[-1] and shard_bytes + e.nbytes > max_shard_bytes:
+                shards.append([])
+                shard_bytes = 0
+            shards[-1].append(e)
+            shard_bytes += e.nbytes
+
+        # pass 2: one layer file open at a time, one tensor in memory at a time
+        bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="pp_to_hg", disable=quiet)
+        current: list = [None, None]  # (layer index, its state)
+
+        def tensor(e: _Entry) -> torch.Tensor:
+            if e.idx is None:
+                return extras[e.local]
+            if current[0] != e.idx:
+                current[:] = [e.idx, None]  # drop the previous layer's mapping first
+                current[1] = load_state(e.idx)
+            t = current[1][e.local]
+            return t.to(e.dtype) if t.dtype != e.dtype else t
+
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, group in enumerate(shards):
+            name = f"shard-{i:05d}.tmp"
+            if layout == "bin":
+                torch.save({e.key: _own_copy(tensor(e), None) for e in group}, os.path.join(tmp, name))
+                bar.update(sum(e.nbytes for e in group))
+            else:
+                _write_safetensors(os.path.join(tmp, name), group, tensor, bar)
+            names.append((name, [e.key for e in group]))
+        current[:] = [None, None]
+        bar.close()
+        shards = names
         n = len(shards)
         total_size = 0
         stem, ext, index_name = (("pytorch_model", "bin", "pytorch_model.bin.index.json") if layout == "bin"
