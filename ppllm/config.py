@@ -243,8 +243,15 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
             problems.append("epochs and n_epoches both given: keep one")
         raw["n_epoches"] = raw.pop("epochs")
 
+    # `tensorboard: true|false` is ppllm's own writer; a mapping is DeepSpeed's monitor section
+    # ({enabled, output_path, job_name}), which then replaces ppllm's writer
+    tb = raw.get("tensorboard")
+    if isinstance(tb, dict):
+        raw["tensorboard"] = False
     run_raw = {k: v for k, v in raw.items() if k in RunConfig.model_fields}
-    ds = {k: v for k, v in raw.items() if k in DEEPSPEED_KEYS}
+    ds = {k: v for k, v in raw.items() if k in DEEPSPEED_KEYS and k != "tensorboard"}
+    if isinstance(tb, dict):
+        ds["tensorboard"] = tb
     for key in raw:
         if key not in RunConfig.model_fields and key not in DEEPSPEED_KEYS:
             guess = difflib.get_close_matches(key, sorted(PPLLM_KEYS | DEEPSPEED_KEYS), n=1)

@@ -140,3 +140,12 @@ def test_dry_run_prints_plan(raw, tmp_path):
     assert "pretrain=30" in out and "instruct=12" in out and "packing efficiency" in out
     p = run([PY, "train_pp.py", "--config", str(path), "--dry-run", "--set", "model_topo.parts=[1,1]"], check=False)
     assert p.returncode == 2 and "model_topo.parts" in p.stdout
+
+
+def test_tensorboard_switch_is_ppllms_and_a_mapping_is_deepspeeds(raw):
+    for value in (True, False):
+        cfg = validate(dict(raw, tensorboard=value), "x.yml", world_size=2)
+        assert cfg.run.tensorboard is value and "tensorboard" not in cfg.ds
+    monitor = {"enabled": True, "output_path": "tb", "job_name": "run"}
+    cfg = validate(dict(raw, tensorboard=monitor), "x.yml", world_size=2)
+    assert cfg.ds["tensorboard"] == monitor and cfg.run.tensorboard is False
