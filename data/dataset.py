@@ -17,6 +17,7 @@ A row holds input_ids, labels (already shifted; -100 = not trained), position_id
 """
 from __future__ import annotations
 
+import array
 import bisect
 import codecs
 import fcntl
@@ -238,29 +239,30 @@ def _prepare_stream(path: str, template: Template, max_len: int, overlong: str, 
 
     def flush():
         encs = encode_parts(template.tok, [parts_for(template, k, p) for _, k, p in pending])
-        chunk_ids: list[int] = []
-        chunk_labels: list[int] = []
+        # array.fromlist converts each sample's ints in C: about 2x faster than one big list + np.asarray
+        chunk_ids = array.array("i")
+        chunk_labels = array.array("i")
         for (line, kind, _), enc in zip(pending, encs):
             ids, labels, status = fit_length(enc.ids, enc.labels, enc.cuts, max_len, overlong)
             meta["samples"][kind] = meta["samples"].get(kind, 0) + 1
             if status == "dropped":
                 meta["dropped"] += 1
                 continue
-            n_trained = len(labels) - labels.count(-100)
+            n_trained = enc.trained if status == "ok" and enc.trained is not None else len(labels) - labels.count(-100)
             if n_trained == 0:
                 meta["untrained"] += 1
                 continue
             if status == "truncated":
                 meta["truncated"] += 1
-            chunk_ids += ids
-            chunk_labels += labels
+            chunk_ids.fromlist(ids)
+            chunk_labels.fromlist(labels)
             offsets.append(offsets[-1] + len(ids))
             kinds.append(kind_index[kind])
             lines.append(line)
             trained.append(n_trained)
             meta["trained_tokens"] += n_trained
-        tok_f.write(np.asarray(chunk_ids, dtype=np.int32).tobytes())
-        lab_f.write(np.asarray(chunk_labels, dtype=np.int32).tobytes())
+        tok_f.write(chunk_ids)
+        lab_f.write(chunk_labels)
         pending.clear()
 
     for line, obj in iter_records(path, bar.update if bar else None):

@@ -50,6 +50,7 @@ class Encoded:
     ids: list[int]
     labels: list[int]                     # shifted: labels[i] is the target after token i
     cuts: list[int] = field(default_factory=list)
+    trained: int | None = None            # labels that are not -100, when the encoder counted them
 
 
 TOOLS_INTRO = "You can call the following tools:"
@@ -102,12 +103,14 @@ def encode_parts(tok, many: list[list]) -> list[Encoded]:
         ids: list[int] = []
         labels: list[int] = []
         cuts: list[int] = []
+        n_trained = 0  # every label written below over a -100 or appended as a token is one trained label
         for p in parts:
             if p is CUT:
                 cuts.append(len(ids))
                 continue
             if isinstance(p, Target):
                 if labels:
+                    n_trained += labels[-1] == -100
                     labels[-1] = p.id
                 continue
             payload, trained = p
@@ -116,13 +119,15 @@ def encode_parts(tok, many: list[list]) -> list[Encoded]:
                 continue
             if trained:
                 if labels:
+                    n_trained += labels[-1] == -100
                     labels[-1] = toks[0]
                 labels.extend(toks[1:])
+                n_trained += len(toks) - 1
                 labels.append(-100)
             else:
                 labels.extend([-100] * len(toks))
             ids.extend(toks)
-        out.append(Encoded(ids, labels, cuts))
+        out.append(Encoded(ids, labels, cuts, n_trained))
     return out
 
 

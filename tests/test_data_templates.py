@@ -28,7 +28,9 @@ PRETRAIN = {"type": "pretrain", "text": "The river runs."}
 
 
 def encode(t, rec):
-    return t.encode(parts_for(t, *check(rec)))
+    enc = t.encode(parts_for(t, *check(rec)))
+    assert enc.trained == sum(l != -100 for l in enc.labels)  # the encoder's own count, used by prepare
+    return enc
 
 
 def trained_ids(enc):
