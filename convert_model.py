@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import struct
@@ -212,10 +213,7 @@ class _Entry:
 
     def __init__(self, key, idx, local, shape, dtype):
         self.key, self.idx, self.local, self.shape, self.dtype = key, idx, local, shape, dtype
-        n = 1
-        for d in shape:
-            n *= d
-        self.nbytes = n * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = math.prod(shape) * dtype.itemsize
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -232,6 +230,8 @@ def _write_safetensors(path: str, entries: list, tensor, bar=None) -> None:
     for e in entries:
         header[e.key] = {"dtype": _ST_DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
+    if sys.byteorder != "little":
+        raise ConversionError("safetensors export needs a little-endian machine")
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
@@ -241,8 +241,6 @@ def _write_safetensors(path: str, entries: list, tensor, bar=None) -> None:
             t = tensor(e).contiguous()
             if tuple(t.shape) != e.shape or t.dtype != e.dtype:
                 raise ConversionError(f"{e.key}: got {t.dtype} {list(t.shape)}, planned {e.dtype} {list(e.shape)}")
-            if sys.byteorder != "little":
-                raise ConversionError("safetensors export needs a little-endian machine")
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             del t
             if bar is not None:
@@ -280,11 +278,14 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
         layout = family.export_layout(args)  # the family's original file layout
         # pass 1 (metadata only: layer files are memory-mapped, nothing is read): check every
         # tensor and plan the shards, so pass 2 can stream each tensor straight into its file
+        # (a LoRA merge keeps names, shapes and dtypes: plan from the base files, merge once in pass 2)
+        plan_dir = adapter["base_model_path"] if adapter else layers_dir
+        plan_state = _layer_loader(plan_dir, None)
         entries, problems = [], []
         out_dtype = None
         for idx in sorted(expected):
-            path = layer_file(layers_dir, idx)
-            state = load_state(idx)
+            path = layer_file(plan_dir, idx)
+            state = plan_state(idx)
             want = expected[idx]
             extra, lacking = sorted(set(state) - set(want)), sorted(set(want) - set(state))
             if extra or lacking:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .common import check_stage_tuple, sdpa_attention
 from .family import Family, KeyMap, LayerSpec, TiedLayerSpec, init_linear_
+from .llama import tied_head_forward  # the head is F.linear with the tied matrix, as in llama
 
 
 @dataclass
@@ -94,11 +95,6 @@ class BloomEmbed(nn.Module):
     def forward(self, inputs):
         ids, pos, doc = check_stage_tuple(inputs, "BloomEmbed")
         return self.layernorm(F.embedding(ids, self.weight)), pos, doc
-
-
-def bloom_tied_head(embed: BloomEmbed, inputs):
-    h, _, _ = inputs
-    return F.linear(h, embed.weight)
 
 
 class BloomAttention(nn.Module):
@@ -183,7 +179,7 @@ class BloomFamily(Family):
         return ([TiedLayerSpec("embed", BloomEmbed, a, tied_weight_attr="weight")]
                 + [LayerSpec(BloomBlock, a) for _ in range(a.num_layers)]
                 + [LayerSpec(BloomFinalNorm, a),
-                   TiedLayerSpec("embed", BloomEmbed, a, forward_fn=bloom_tied_head, tied_weight_attr="weight")])
+                   TiedLayerSpec("embed", BloomEmbed, a, forward_fn=tied_head_forward, tied_weight_attr="weight")])
 
     def key_map(self, a: BloomArgs) -> KeyMap:
         # the first rule of a pipeline prefix is used on export; the unprefixed hub names are aliases
