@@ -1,17 +1,19 @@
 # Quick start:  make demo   |   make test
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DS_ACCELERATOR ?= $(shell python3 -c "import shutil;print('' if shutil.which('nvidia-smi') else 'cpu')")
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast clean
 
-# (re)create the project venv whenever requirements.txt changes
-$(STAMP): requirements.txt
+# (re)create the project venv whenever the requirements or pyproject.toml change; ppllm, models
+# and data are installed editable, so scripts, tests and benchmarks import them from this checkout
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --upgrade pip setuptools
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -25,6 +27,10 @@ demo: venv
 test: venv
 	bash scripts/system_deps.sh
 	$(PY) -m pytest tests
+
+# parity, conversion, data and config checks in one process, no DeepSpeed launch (under 2 minutes)
+test-fast: venv
+	$(PY) -m pytest tests -m "not multiprocess"
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -14,8 +14,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 PY = sys.executable
 DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 
@@ -104,7 +102,7 @@ def tokenizer_vocab(tok_dir: str) -> int:
 
 def make_models(root: str, tok_dir: str, seed: int = 0, **llama_kw) -> tuple[str, str]:
     """A random llama as a HF folder (root/hf) and its pipeline folder (root/pp)."""
-    import convert_model as cm
+    from ppllm import convert as cm
     from ppllm.tiny import make_llama
     hf, pp = os.path.join(root, "hf"), os.path.join(root, "pp")
     make_llama(hf, tokenizer_vocab(tok_dir), tokenizer_dir=tok_dir, seed=seed, **llama_kw)

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rows_in_ppllm_order(data: str, tok_dir: str, seq: int, seed: int, rows_per_step: int, steps: int) -> dict:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import sys
 import time
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def install(out_dir: str, skip: int) -> None:
     from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -56,5 +58,5 @@ if __name__ == "__main__":
     out = os.environ["PPLLM_PIPE_PROFILE"]
     os.makedirs(out, exist_ok=True)
     install(out, int(os.environ.get("PPLLM_PIPE_PROFILE_SKIP", "3")))
-    import train_pp
-    sys.exit(train_pp.main())
+    sys.argv[0] = os.path.join(REPO, "train_pp.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")

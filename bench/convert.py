@@ -31,8 +31,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PY, REPO, load_note, log, run_env  # noqa: E402
+from _common import PY, REPO, load_note, log, run_env
 
 
 def llama_config(hidden: int, vocab: int, layers: int) -> dict:
@@ -233,7 +232,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_convert_", dir=a.tmp)
     try:
         # interpreter + imports of the converter alone, to tell start-up from streaming
-        startup, base_rss, _, _ = timed([PY, "-c", "import sys; sys.path.insert(0, '.'); import convert_model"])
+        startup, base_rss, _, _ = timed([PY, "-c", "import convert_model"])
         log(f"converter start-up (python + imports): {startup:.2f} s, {base_rss:.0f} MB RSS; {load_note()}")
         big = bench_size(tmp, a.size_gb, a)
         report(f"{a.size_gb:g} GB", big, startup)

@@ -22,11 +22,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.dataset import build_rows  # noqa: E402
-from data.templates import get_template  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
+from data.dataset import build_rows
+from data.templates import get_template
+from data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA2 = os.path.join(REPO, "..", "shared", "assets", "tokenizers", "llama2")

@@ -34,8 +34,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (launch, load_note, log, make_tokenizer, median, read_metrics, steady,  # noqa: E402
+from _common import (launch, load_note, log, make_tokenizer, median, read_metrics, steady,
                      write_corpus, write_run_config)
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,

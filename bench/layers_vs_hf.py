@@ -20,8 +20,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import load_note, log, median  # noqa: E402
+from _common import load_note, log, median
 
 
 def main() -> None:
@@ -39,9 +38,9 @@ def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    import convert_model as cm
+    from ppllm import convert as cm
     from models import load_family
-    from models.pipeline import SequentialModel
+    from ppllm.pipeline import SequentialModel
     from ppllm.tiny import make_llama
 
     torch.set_num_threads(a.threads)

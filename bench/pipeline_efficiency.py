@@ -31,8 +31,7 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import launch, load_note, log, median, read_metrics, setup_tiny, steady, write_run_config  # noqa: E402
+from _common import launch, load_note, log, median, read_metrics, setup_tiny, steady, write_run_config
 
 
 def run(cfg_path: str, nprocs: int, threads: int, profile_dir: str | None = None, skip: int = 3) -> float:

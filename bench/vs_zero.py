@@ -25,8 +25,7 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import launch, load_note, log, median, read_metrics, setup_tiny, steady, write_run_config  # noqa: E402
+from _common import launch, load_note, log, median, read_metrics, setup_tiny, steady, write_run_config
 
 
 def hf_run(s: dict, out: str, zero: int, a, world: int = 2) -> dict:

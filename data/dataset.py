@@ -565,6 +565,14 @@ class StepLoader:
         self.step_in_epoch = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
 
+    has_data = True
+
+    def limit_steps_per_epoch(self, steps: int) -> None:
+        """Every data-reading rank must run the same number of steps: take the agreed minimum."""
+        if steps != self.steps_per_epoch:
+            self.steps_per_epoch = steps
+            self._order_cache = None
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
 

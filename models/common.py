@@ -242,20 +242,20 @@ def _repeat_kv(x_BKSD: torch.Tensor, n_heads: int) -> torch.Tensor:
 class TokenLoss:
     """Next-token cross entropy, summed over trained tokens and divided by a normaliser.
 
-    Labels are already shifted by the data pipeline (``labels[t]`` is the
-    target for position ``t``; -100 is ignored).  The trainer sets
-    ``scale = grad_accum * dp / trained_tokens_in_step`` before each step so
-    the engine's per-micro-batch averaging turns into a token-weighted mean
-    over the whole optimizer step.  With ``scale=None`` the loss is the
-    micro-batch token mean.
+    Labels are already shifted by the data pipeline (``labels[t]`` is the target for
+    position ``t``; -100 is ignored). The labels may come as ``(labels, scale)``, where
+    ``scale = grad_accum * dp / trained_tokens_in_step`` is attached by
+    ``ppllm.engine.train_step`` so the engine's per-micro-batch averaging turns into a
+    token-weighted mean over the whole optimizer step. Plain labels give the micro-batch
+    token mean.
     """
 
     def __init__(self, z_loss_weight: float = 0.0):
-        self.scale: float | None = None
         self.z_loss_weight = z_loss_weight
         self.__name__ = "TokenLoss"
 
-    def __call__(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits_BSV: torch.Tensor, labels) -> torch.Tensor:
+        labels_BS, scale = labels if isinstance(labels, (tuple, list)) else (labels, None)
         logits = logits_BSV.float().flatten(0, 1)
         labels = labels_BS.flatten()
         loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
@@ -264,7 +264,7 @@ class TokenLoss:
             # baichuan2's auxiliary term: weight * mean(max(logits)^2) over trained tokens
             z = logits[valid].max(-1).values
             loss_sum = loss_sum + self.z_loss_weight * (z ** 2).sum()
-        if self.scale is None:
+        if scale is None:
             n = (labels != -100).sum().clamp(min=1)
             return loss_sum / n
-        return loss_sum * self.scale
+        return loss_sum * scale.to(loss_sum.device, torch.float32).reshape(())

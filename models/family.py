@@ -103,31 +103,33 @@ class Family:
         return "safetensors"
 
     # --- generic machinery ----------------------------------------------------------------
+    def layer_kinds(self, args: Any) -> list[str]:
+        """The one description of the pipeline layout: the kind of every pipeline layer, in order.
+        Layer i is written to ``layer_{i:02d}-model_states.pt``; decoder layer j is pipeline layer 1 + j."""
+        return ["embed"] + ["decoder"] * self.num_layers(args) + ["norm", "head"]
+
     def num_pipe_layers(self, args: Any) -> int:
-        return self.num_layers(args) + 3
+        return len(self.layer_kinds(args))
 
     def slot_of(self, args: Any, index: int) -> str:
-        L = self.num_layers(args)
-        if index == 0:
-            return "embed"
-        if 1 <= index <= L:
-            return f"layers.{index - 1}"
-        return "norm" if index == L + 1 else "head"
+        """Pipeline layer index -> its name prefix in the family's key map ('embed', 'layers.3', ...)."""
+        kinds = self.layer_kinds(args)
+        kind = kinds[index]
+        return f"layers.{index - kinds.index('decoder')}" if kind == "decoder" else kind
 
     def locate(self, args: Any, pp_key: str) -> tuple[int, str]:
         """Pipeline name -> (layer file index, key inside that file)."""
-        L = self.num_layers(args)
+        kinds = self.layer_kinds(args)
         m = re.match(r"layers\.(\d+)\.(.+)$", pp_key)
         if m:
             i = int(m.group(1))
-            if i >= L:
+            if i >= kinds.count("decoder"):
                 raise KeyError(pp_key)
-            return 1 + i, m.group(2)
+            return kinds.index("decoder") + i, m.group(2)
         slot, _, rest = pp_key.partition(".")
-        index = {"embed": 0, "norm": L + 1, "head": L + 2}.get(slot)
-        if index is None or not rest:
+        if slot == "decoder" or slot not in kinds or not rest:
             raise KeyError(pp_key)
-        return index, rest
+        return kinds.index(slot), rest
 
     def layer_names(self, args: Any) -> list[str]:
         names = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import socket
 
@@ -25,29 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-TMP_PREFIX = ".tmp-"
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
-
-
-def read_latest(save_path: str) -> str | None:
-    path = os.path.join(save_path, "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        tag = f.read().strip()
-    return tag if os.path.isdir(os.path.join(save_path, tag)) else None
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique across nodes sharing a filesystem
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from ppllm.paths import (LATEST_FILE, META_FILE, PARTITION_FILE, TMP_PREFIX, copy_side_files, latest_target,
+                         list_tags, read_latest, tag_for, write_atomic)
 
 
 def rng_state() -> dict:
@@ -91,7 +69,7 @@ def save(engine, save_path: str, step: int, client_state: dict, side_files_from:
             os.replace(tmp_dir, final)
         except FileNotFoundError:
             pass  # another node's leader on a shared filesystem renamed it first
-        _write_atomic(os.path.join(save_path, "latest"), tag)
+        write_atomic(os.path.join(save_path, LATEST_FILE), tag)
     dist.barrier()
     if node_leader and keep_last:
         prune(save_path, keep_last)
@@ -103,14 +81,13 @@ def _add_side_files(tmp_dir: str, side_files_from: str, partition: dict, lora) -
     """config, tokenizer and ppllm metadata beside the layer files. Each file is staged in a
     folder of this node's own and moved in with os.replace, so leaders of several nodes writing
     the same file on a shared filesystem never leave a half-written one."""
-    from convert_model import _copy_side_files
     stage = os.path.join(tmp_dir, f".side-{socket.gethostname()}-{os.getpid()}")
     os.makedirs(stage, exist_ok=True)
-    _copy_side_files(side_files_from, stage)
-    meta = os.path.join(side_files_from, "ppllm.json")
+    copy_side_files(side_files_from, stage)
+    meta = os.path.join(side_files_from, META_FILE)
     if os.path.isfile(meta):
         shutil.copy2(meta, stage)
-    with open(os.path.join(stage, "ppllm_partition.json"), "w") as f:
+    with open(os.path.join(stage, PARTITION_FILE), "w") as f:
         json.dump(partition, f)
     if lora is not None:
         from ppllm.lora import write_meta
@@ -121,9 +98,7 @@ def _add_side_files(tmp_dir: str, side_files_from: str, partition: dict, lora) -
 
 
 def prune(save_path: str, keep_last: int) -> None:
-    tags = sorted((int(m.group(1)), name) for name in os.listdir(save_path)
-                  if (m := re.fullmatch(r"global_step(\d+)", name)))
-    for _, name in tags[:-keep_last]:
+    for name in list_tags(save_path)[:-keep_last]:
         shutil.rmtree(os.path.join(save_path, name), ignore_errors=True)
     for name in os.listdir(save_path):  # leftovers of saves that were killed
         if name.startswith(TMP_PREFIX):
@@ -138,7 +113,7 @@ def resolve_resume(resume: str, save_path: str) -> tuple[str, str] | None:
         tag = read_latest(save_path)
         return (save_path, tag) if tag else None
     path = resume.rstrip("/")
-    if os.path.isfile(os.path.join(path, "latest")):
+    if latest_target(path) is not None:
         tag = read_latest(path)
         if tag is None:
             raise FileNotFoundError(f"resume: {path}/latest points to a missing checkpoint")
@@ -164,4 +139,4 @@ def truncate_metrics(path: str, last_step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    _write_atomic(path, "".join(lines))
+    write_atomic(path, "".join(lines))

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 from ppllm.lora import LoraConfig
+from ppllm.partition import parts_problems
+from ppllm.paths import layer_file
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Top-level keys DeepSpeed understands; they are passed through untouched.
@@ -350,7 +352,7 @@ def _check_paths(run: RunConfig) -> list[str]:
                         f"`python convert_model.py hg_to_pp --input-path HF_DIR --save-path {mp}`")
     elif not os.path.isfile(os.path.join(mp, "config.json")):
         problems.append(f"model_path: {mp!r} has no config.json; point it at a folder made by hg_to_pp")
-    elif not run.from_scratch and not os.path.isfile(os.path.join(mp, "layer_00-model_states.pt")):
+    elif not run.from_scratch and not os.path.isfile(layer_file(mp, 0)):
         problems.append(f"model_path: {mp!r} has no layer files (layer_00-model_states.pt); convert a HF "
                         f"checkpoint with hg_to_pp, or set from_scratch: true")
     tp = run.tokenizer_path or mp
@@ -375,29 +377,13 @@ def _check_paths(run: RunConfig) -> list[str]:
 def _check_parts(run: RunConfig, check_paths: bool) -> list[str]:
     parts = run.model_topo.parts
     pipe = run.model_topo.process_topology.dims[0]
+    n = _pipe_layers(run) if check_paths else None
     if parts is None or parts == "auto":
-        n = _pipe_layers(run) if check_paths else None
         if n is not None and n < pipe:
             return [f"model_topo.process_topology.dims: {pipe} pipeline stages but the model has only {n} "
                     f"pipeline layers; use at most {n} stages"]
         return []
-    problems = []
-    if len(parts) != pipe:
-        problems.append(f"model_topo.parts: {len(parts)} entries but {pipe} pipeline stages (dims[0]); "
-                        f"give one layer count per stage, or use parts: auto")
-    if any(p < 1 for p in parts):
-        problems.append(f"model_topo.parts: {parts} has a stage with no layers; every stage needs at least one")
-    n = _pipe_layers(run) if check_paths else None
-    if n is not None and sum(parts) != n:
-        problems.append(f"model_topo.parts: {parts} sums to {sum(parts)}, but the model has {n} pipeline layers "
-                        f"(embedding + decoder layers + final norm + head); e.g. "
-                        f"{_even_parts(n, len(parts))}, or parts: auto")
-    return problems
-
-
-def _even_parts(n: int, stages: int) -> list[int]:
-    base, extra = divmod(n, stages)
-    return [base + (1 if i < extra else 0) for i in range(stages)]
+    return parts_problems(parts, n, pipe)
 
 
 def _pipe_layers(run: RunConfig) -> int | None:

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-ADAPTER_META = "ppllm_lora.json"
+from ppllm.paths import LORA_META_FILE as ADAPTER_META
 
 
 class LoraConfig(BaseModel):
@@ -87,7 +87,7 @@ def read_meta(folder: str) -> dict | None:
 
 def trainable_fraction(family, margs, cfg: LoraConfig) -> float:
     """Share of parameters that LoRA trains, from the meta-device model (no memory)."""
-    from models.pipeline import SequentialModel
+    from ppllm.pipeline import SequentialModel
     with torch.device("meta"):
         model = SequentialModel(family.build_specs(margs))
         total = sum(p.numel() for p in model.parameters())
@@ -104,42 +104,3 @@ def merge_into(base: dict, adapters: dict, scaling: float) -> dict:
         w = base[f"{prefix}.weight"]
         base[f"{prefix}.weight"] = (w.float() + scaling * (b @ a)).to(w.dtype)
     return base
-
-
-def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, force: bool) -> dict:
-    """adapter_model.safetensors + adapter_config.json in PEFT's layout, keyed by HF module names."""
-    from safetensors.torch import save_file
-
-    from convert_model import ConversionError, _commit_output, _prepare_output
-    from models import get_family, read_config
-    from models.pipeline import layer_file
-    cfg = read_config(config_dir)
-    family = get_family(cfg["model_type"])
-    margs = family.parse_config(cfg)
-    keymap = family.key_map(margs)
-    tensors: dict[str, torch.Tensor] = {}
-    modules: set[str] = set()
-    for idx in range(family.num_pipe_layers(margs)):
-        path = layer_file(layers_dir, idx)
-        if not os.path.isfile(path):
-            continue
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        slot = family.slot_of(margs, idx)
-        for key, t in state.items():
-            if not is_lora_key(key):
-                continue
-            hf = keymap.to_hf(f"{slot}.{key}")
-            tensors[f"base_model.model.{hf}"] = t.contiguous()
-            modules.add(hf.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1])
-    if not tensors:
-        raise ConversionError(f"{layers_dir}: no adapter tensors found")
-    lora = meta["lora"]
-    tmp = _prepare_output(save_path, force)
-    save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["r"], "lora_alpha": lora["alpha"],
-                   "lora_dropout": lora["dropout"], "target_modules": sorted(modules), "bias": "none",
-                   "fan_in_fan_out": False, "base_model_name_or_path": meta["base_model_path"],
-                   "inference_mode": True}, f, indent=2)
-    _commit_output(tmp, save_path)
-    return {"tensors": len(tensors), "shards": 1}

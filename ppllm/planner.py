@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deepspeed.runtime.utils import partition_balanced
+from ppllm.partition import balanced_bounds, bounds_from_parts, layer_costs, parts_from_bounds
 
 GB = 1 << 30
 
@@ -84,14 +84,9 @@ def layer_activation_bytes(margs, kind: str, s: Setup) -> int:
     return b * B * S * H  # final norm input
 
 
-def _kinds(family, margs) -> list[str]:
-    n = family.num_pipe_layers(margs)
-    return ["embed"] + ["decoder"] * (n - 3) + ["norm", "head"]
-
-
 def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
     counts = family.layer_param_counts(margs)
-    kinds = _kinds(family, margs)
+    kinds = family.layer_kinds(margs)
     b = _dtype_bytes(s.precision)
     mixed = s.precision != "fp32"
     out = []
@@ -120,9 +115,8 @@ def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
 
 def layer_weights(family, margs, s: Setup) -> list[float]:
     """Per-layer cost mixing compute (parameter count as matmul work) and memory (bytes)."""
-    from models.pipeline import layer_costs
     compute = layer_costs(family, margs)
-    kinds = _kinds(family, margs)
+    kinds = family.layer_kinds(margs)
     counts = family.layer_param_counts(margs)
     per_param = _dtype_bytes(s.precision) * 2 + OPTIMIZER_STATE_BYTES.get(s.optimizer.lower(), 8)
     memory = [counts[i] * per_param + layer_activation_bytes(margs, kinds[i], s) * max(1, s.pipe // 2)
@@ -132,12 +126,7 @@ def layer_weights(family, margs, s: Setup) -> list[float]:
 
 
 def propose_bounds(family, margs, s: Setup) -> list[int]:
-    n = family.num_pipe_layers(margs)
-    bounds = [int(x) for x in partition_balanced(layer_weights(family, margs, s), s.pipe)]
-    if any(bounds[i] == bounds[i + 1] for i in range(s.pipe)):
-        from deepspeed.runtime.utils import partition_uniform
-        bounds = [int(x) for x in partition_uniform(n, s.pipe)]
-    return bounds
+    return balanced_bounds(layer_weights(family, margs, s), s.pipe)
 
 
 def format_plan(stages: list[StageMemory], s: Setup) -> str:
@@ -157,5 +146,72 @@ def format_plan(stages: list[StageMemory], s: Setup) -> str:
     return "\n".join(lines)
 
 
-def parts_from_bounds(bounds: list[int]) -> list[int]:
-    return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+# ----------------------------------------------------------------------------------------
+# a run's plan: the config's partition, --plan and the dry run's layer list
+
+
+def setup_from_config(cfg, family=None, margs=None) -> Setup:
+    from ppllm.engine import resolve_precision
+    zero = cfg.ds.get("zero_optimization") or {}
+    opt = (cfg.ds.get("optimizer") or {}).get("type", "adamw")
+    fraction = 1.0
+    if cfg.run.lora is not None and family is not None:
+        from ppllm.lora import trainable_fraction
+        fraction = trainable_fraction(family, margs, cfg.run.lora)
+    return Setup(pipe=cfg.pipe, data=cfg.data, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
+                 seq_len=cfg.run.max_seq_len, precision=resolve_precision(cfg), zero_stage=int(zero.get("stage", 0)),
+                 offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
+                 grad_ckpt=cfg.run.use_grad_ckpt, optimizer=opt, flash=cfg.run.use_flash_attn,
+                 trainable_fraction=fraction)
+
+
+def resolve_partition(cfg):
+    """(family, model args, stage bounds) of a run: explicit parts as given, ``auto`` balanced."""
+    from models import load_family
+    family, margs = load_family(cfg.run.model_path)
+    parts = cfg.run.model_topo.parts
+    if parts in (None, "auto"):
+        return family, margs, propose_bounds(family, margs, setup_from_config(cfg, family, margs))
+    return family, margs, bounds_from_parts(parts)
+
+
+def memory_plan(cfg) -> str:
+    """--plan: per-stage memory for the configured partition, and the partition we propose."""
+    family, margs, bounds = resolve_partition(cfg)
+    setup = setup_from_config(cfg, family, margs)
+    proposal = propose_bounds(family, margs, setup)
+    lines = [format_plan(estimate(family, margs, bounds, setup), setup),
+             f"configured parts: {parts_from_bounds(bounds)}",
+             f"proposed parts (balances compute and memory): {parts_from_bounds(proposal)}"]
+    if proposal != bounds:
+        lines.append(format_plan(estimate(family, margs, proposal, setup), setup))
+    return "\n".join(lines)
+
+
+def _runs(names: list[str], lo: int, hi: int) -> str:
+    """'0:Embed, 1..4: 4 x LlamaDecoderLayer, 5:FinalNorm': consecutive equal layers folded."""
+    out, i = [], lo
+    while i < hi:
+        j = i
+        while j + 1 < hi and names[j + 1] == names[i]:
+            j += 1
+        out.append(f"{i}:{names[i]}" if j - i < 2 else f"{i}..{j}: {j - i + 1} x {names[i]}")
+        if 0 < j - i < 2:
+            out.extend(f"{k}:{names[k]}" for k in range(i + 1, j + 1))
+        i = j + 1
+    return ", ".join(out)
+
+
+def format_layout(cfg, family, margs, bounds: list[int]) -> str:
+    names = family.layer_names(margs)
+    counts = family.layer_param_counts(margs)
+    lines = [f"model: {family.name} ({margs.model_type}), {len(names)} pipeline layers, "
+             f"{sum(counts) / 1e6:.2f}M parameters",
+             f"topology: pipe={cfg.pipe} x data={cfg.data} = {cfg.world_size} processes; "
+             f"micro batch {cfg.micro_batch} x grad accum {cfg.grad_accum} x data {cfg.data} = "
+             f"{cfg.micro_batch * cfg.grad_accum * cfg.data} rows of {cfg.run.max_seq_len} tokens per step"]
+    for s in range(cfg.pipe):
+        lo, hi = bounds[s], bounds[s + 1]
+        lines.append(f"  stage {s}: layers {lo}..{hi - 1} ({hi - lo}), "
+                     f"{sum(counts[lo:hi]) / 1e6:.2f}M params  [{_runs(names, lo, hi)}]")
+    return "\n".join(lines)

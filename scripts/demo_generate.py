@@ -3,13 +3,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.templates import get_template  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
+from data.templates import get_template
+from data.tokenizer import load_tokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("model")

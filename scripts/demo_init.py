@@ -4,8 +4,7 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ppllm.tiny import make_llama, sample_texts, train_sentencepiece  # noqa: E402
+from ppllm.tiny import make_llama, sample_texts, train_sentencepiece
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", default="data/samples/demo.json")
@@ -14,7 +13,7 @@ a = p.parse_args()
 shutil.rmtree(a.out, ignore_errors=True)
 tok_dir = a.out + "_tokenizer"
 train_sentencepiece(sample_texts(a.data), tok_dir)
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 vocab = len(AutoTokenizer.from_pretrained(tok_dir))
 make_llama(a.out, vocab, tokenizer_dir=tok_dir)
 shutil.rmtree(tok_dir)

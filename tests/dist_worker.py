@@ -8,14 +8,12 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from models import load_family  # noqa: E402
-from models.pipeline import layer_costs, stage_bounds  # noqa: E402
-from tests.helpers import synthetic_batches  # noqa: E402
-from train_pp import build_engine, train_step  # noqa: E402
+from models import load_family
+from ppllm.engine import build_engine, grad_norm, train_step
+from ppllm.partition import layer_costs, stage_bounds
+from helpers import synthetic_batches  # this folder is on sys.path when run as a script
 
 
 def main():
@@ -41,23 +39,20 @@ def main():
             ds["zero_allow_untested_optimizer"] = True
             if sc.get("offload"):
                 ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        engine, loss_fn, _ = build_engine(fam, margs, bounds, sc["pipe"], sc["data"], ds, 0,
+        engine, _, _ = build_engine(fam, margs, bounds, sc["pipe"], sc["data"], ds, 0,
                                           sc.get("grad_ckpt", False), sc["model_dir"])
         dp_rank = engine.grid.get_data_parallel_rank()
         allb = synthetic_batches(sc["seed"], sc["gas"] * sc["data"], sc["mbs"], sc["seq"], margs.vocab_size)
         mine = allb[dp_rank * sc["gas"]:(dp_rank + 1) * sc["gas"]]
         use = mine if (engine.is_first_stage() or engine.is_last_stage()) else None
-        loss = train_step(engine, loss_fn, use)
+        loss = train_step(engine, use)
         module = engine.module
-        layers = {}
-        for local, layer in enumerate(module.forward_funcs):
-            if isinstance(layer, torch.nn.Module):
-                layers[module._local_start + local] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-        for key, tied in module.tied_modules.items():
+        layers = {index: {k: v.detach().clone() for k, v in layer.state_dict().items()}
+                  for index, layer in module.local_layers()}
+        for key, tied, attrs, _ in module.tied_groups():
             # the shared matrix as this stage holds it (on the last stage: the head's copy)
-            layers[f"tied:{key}"] = {k: getattr(tied, k).detach().clone() for k in module.tied_weight_attrs[key]}
-        torch.save({"loss": loss, "grad_norm": engine.ppllm_grad_norm if engine.ppllm_grad_norm is not None
-                    else engine.get_global_grad_norm(), "layers": layers, "bounds": bounds},
+            layers[f"tied:{key}"] = {k: getattr(tied, k).detach().clone() for k in attrs}
+        torch.save({"loss": loss, "grad_norm": grad_norm(engine), "layers": layers, "bounds": bounds},
                    os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))
         torch.distributed.barrier()
     print(f"rank {rank}: done", flush=True)

@@ -92,7 +92,7 @@ def tiny_pipeline_model(root, texts: list[str], layers: int = 2, seed: int = 3, 
 
     from transformers import AutoTokenizer
 
-    import convert_model as cm
+    from ppllm import convert as cm
     from ppllm.tiny import make_llama, sample_texts, train_sentencepiece
     tok = train_sentencepiece(sample_texts(f"{REPO}/data/samples/demo.json"), str(root / "tok"))
     vocab = len(AutoTokenizer.from_pretrained(tok))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BloomConfig, BloomForCausalLM
 
-import convert_model as cm
+from ppllm import convert as cm
 from models import get_family
 from models.bloom import alibi_slopes
 from tests.test_families import assert_parity, nontrivial_norms, ours, packed_matches_alone

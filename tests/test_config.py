@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-import convert_model as cm
+from ppllm import convert as cm
 from ppllm.config import ConfigError, load_config, validate
 from ppllm.tiny import make_llama
 from tests.helpers import PY, REPO, run

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import convert_model as cm
+from ppllm import convert as cm
 from tests.helpers import PY, run
 
 

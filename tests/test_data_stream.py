@@ -110,7 +110,7 @@ def test_lazy_loader_shards_disjoint_equal_and_resumes(tmp_path, template):
 def test_packed_row_logits_match_documents_alone(tmp_path, template):
     """Packing is invisible to the model: positions restart and attention stays in the document."""
     from models import get_family
-    from models.pipeline import SequentialModel
+    from ppllm.pipeline import SequentialModel
     fam = get_family("llama")
     args = fam.parse_config({"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -120,7 +120,7 @@ def test_array_streams_through_small_windows(tmp_path):
 
 def test_dry_run_cli_mixed_ok_and_bad_file_lists_every_line(tmp_path, capsys):
     """--dry-run: a file of all five types counts each; one problem per line exits non-zero."""
-    import convert_model as cm
+    from ppllm import convert as cm
     import train_pp
     from ppllm.tiny import make_llama
     tok = _bpe(["<unk>", "<s>", "</s>", "<pad>"], eos="</s>", pad="<pad>")

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import convert_model as cm
+from ppllm import convert as cm
 from models import get_family, load_family
-from models.pipeline import SequentialModel
+from ppllm.pipeline import SequentialModel
 from tests.helpers import SHARED_ASSETS
 
 V = 150

@@ -106,9 +106,9 @@ FAMILIES = {"bloom": (bloom_source, bloom_reference),
 
 
 def reference_loss(model, cfg_path) -> float:
-    import train_pp
+    from ppllm.feed import load_data
     cfg = load_config(str(cfg_path))
-    _, rows, _ = train_pp.load_data(cfg, json.load(open(os.path.join(cfg.run.model_path, "config.json")))["model_type"])
+    _, rows, _ = load_data(cfg, json.load(open(os.path.join(cfg.run.model_path, "config.json")))["model_type"])
     ids = torch.as_tensor(rows["input_ids"][:])
     labels = torch.as_tensor(rows["labels"][:])
     with torch.no_grad():

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import convert_model as cm
+from ppllm import convert as cm
 from models import load_family
-from models.pipeline import SequentialModel
+from ppllm.pipeline import SequentialModel
 
 V = 101
 CASES = {

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from models import get_family
-from models.pipeline import SequentialModel
+from ppllm.pipeline import SequentialModel
 from ppllm.lora import LoraConfig, LoRALinear, apply_lora, merge_into, trainable_fraction
 from tests.helpers import PY, launch, read_metrics, run, tiny_pipeline_model
 
@@ -111,7 +111,7 @@ def test_pipe2_lora_train_export_peft_and_resume(tmp_path):
 
 
 def test_plan_shows_lora_optimizer_saving(tmp_path):
-    import convert_model as cm
+    from ppllm import convert as cm
     from ppllm.tiny import make_llama
     make_llama(str(tmp_path / "hf"), 300, num_hidden_layers=4)
     cm.hg_to_pp(str(tmp_path / "hf"), str(tmp_path / "pp"), quiet=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-import convert_model as cm
+from ppllm import convert as cm
 from models import load_family
-from models.pipeline import SequentialModel
+from ppllm.pipeline import SequentialModel
 from ppllm.tiny import make_llama
 from tests.helpers import launch, synthetic_batches, token_weighted_loss
 from tests.test_families import nontrivial_norms

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models import get_family
-from models.pipeline import SequentialModel
+from ppllm.pipeline import SequentialModel
 from ppllm.planner import Setup, estimate, layer_activation_bytes, propose_bounds, parts_from_bounds
 from tests.helpers import PY, run
 
@@ -86,7 +86,7 @@ def test_plan_cli(tmp_path):
     p = run([PY, "train_pp.py", "--config", "configs/ds_config_pp.yml", "--plan", "--set",
              f"model_path={tmp_path}"], check=False)
     assert p.returncode == 2 and "model_path" in p.stdout  # validated first
-    import convert_model as cm
+    from ppllm import convert as cm
     from ppllm.tiny import make_llama
     make_llama(str(tmp_path / "hf"), 300, num_hidden_layers=6)
     cm.hg_to_pp(str(tmp_path / "hf"), str(tmp_path / "pp"), quiet=True)

@@ -66,7 +66,8 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path):
 
 
 def test_partial_save_is_ignored(tmp_path):
-    from ppllm.checkpoint import _write_atomic, read_latest, resolve_resume
+    from ppllm.checkpoint import resolve_resume
+    from ppllm.paths import read_latest, write_atomic as _write_atomic
     save = tmp_path / "run"
     (save / "global_step4").mkdir(parents=True)
     _write_atomic(str(save / "latest"), "global_step4")

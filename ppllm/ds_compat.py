@@ -1,0 +1,145 @@
+"""The one wall between ppllm and DeepSpeed's internals.
+
+ppllm needs a few things DeepSpeed's pipeline engine does not offer publicly: an explicit
+per-stage partition, the layer list of this stage, tied-module bookkeeping, the flag that
+makes fp32 clipping count every stage, and a gradient norm on the plain fp32 path. Every
+use of a private name lives here, behind small functions with public names, and the
+supported DeepSpeed range is checked on import. ``tests/test_pipeline_grad.py`` is the
+contract test of this module: gradients and weights after a step equal an unpipelined run.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+SUPPORTED = ((0, 19, 0), (0, 20, 0))  # [low, high): the versions these internals were checked on
+
+
+def _version_tuple(text: str) -> tuple[int, int, int]:
+    nums = []
+    for part in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        nums.append(int(digits) if digits else 0)
+    return tuple((nums + [0, 0, 0])[:3])
+
+
+def check_version(version: str) -> None:
+    low, high = SUPPORTED
+    if not (low <= _version_tuple(version) < high):
+        raise ImportError(
+            f"ppllm needs DeepSpeed >={'.'.join(map(str, low))},<{'.'.join(map(str, high))} (it relies on "
+            f"pipeline-engine internals checked on that range); found {version}. "
+            f"Install the pinned version: pip install -r requirements.txt")
+
+
+import deepspeed  # noqa: E402
+
+check_version(deepspeed.__version__)
+
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: E402,F401
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology  # noqa: E402
+from deepspeed.runtime.utils import partition_balanced as _partition_balanced  # noqa: E402
+from deepspeed.runtime.utils import partition_uniform as _partition_uniform  # noqa: E402
+
+
+def topology(pipe: int, data: int) -> PipeDataParallelTopology:
+    return PipeDataParallelTopology(num_pp=pipe, num_dp=data)
+
+
+def balanced_bounds(costs: list[float], stages: int) -> list[int]:
+    """Contiguous stage bounds minimising the costliest stage (DeepSpeed's partitioner)."""
+    return [int(b) for b in _partition_balanced(list(costs), stages)]
+
+
+def uniform_bounds(n: int, stages: int) -> list[int]:
+    return [int(b) for b in _partition_uniform(n, stages)]
+
+
+class BoundedPipelineModule(PipelineModule):
+    """A PipelineModule with the stage bounds given up front, and public names for what ppllm reads.
+
+    DeepSpeed's ``partition_method`` cannot take an explicit list of layer counts, so
+    ``_partition_layers`` is overridden to install ``bounds`` instead.
+    """
+
+    def __init__(self, layers, *, bounds: list[int], **kwargs):
+        self._ppllm_bounds = [int(b) for b in bounds]
+        super().__init__(layers, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:  # DeepSpeed hook
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self.parts = list(self._ppllm_bounds)
+        if len(self.parts) != self.num_stages + 1 or self.parts[-1] != len(self._layer_specs):
+            raise ValueError(f"partition {self.parts} does not fit {self.num_stages} stages "
+                             f"and {len(self._layer_specs)} layers")
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    # --- read-only views of DeepSpeed's bookkeeping ------------------------------------------
+    @property
+    def stage_range(self) -> range:
+        """Global layer indices this stage runs."""
+        return range(self._local_start, self._local_stop)
+
+    @property
+    def layer_specs(self) -> list:
+        return list(self._layer_specs)
+
+    def local_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """(global layer index, module) for this stage's layers that own weights (a tied re-use,
+        a plain function, is skipped: it has no layer file)."""
+        for local_idx, layer in enumerate(self.forward_funcs):
+            if isinstance(layer, nn.Module):
+                yield self._local_start + local_idx, layer
+
+    def tied_groups(self) -> Iterator[tuple[str, nn.Module, list[str], list[int]]]:
+        """(key, module, tied attribute names, layer indices that build it) per tied module here."""
+        for key, module in self.tied_modules.items():
+            owners = [i for i, s in enumerate(self._layer_specs)
+                      if isinstance(s, TiedLayerSpec) and s.key == key and s.forward_fn is None]
+            yield key, module, list(self.tied_weight_attrs[key]), owners
+
+    def sync_tied_weights(self) -> None:
+        """Copy tied weights from their owning stage to every stage that re-uses them."""
+        self._synchronize_tied_weights()
+
+
+def is_replicated(p: torch.Tensor) -> bool:
+    """A tied copy on a stage that re-uses it (DeepSpeed marks those ``ds_pipe_replicated``)."""
+    return bool(getattr(p, "ds_pipe_replicated", False))
+
+
+def count_in_clip_norm(module: nn.Module) -> None:
+    """DeepSpeed's fp32 gradient clipping (runtime.utils.clip_grad_norm_) sums norms over the
+    pipeline group but counts only stage 0's parameters unless a parameter is flagged
+    model-parallel, so later stages were ignored. Flag every parameter this stage owns; tied
+    copies on non-owner stages stay unflagged so they count once. Call again after adding
+    parameters (LoRA). Proven by the clip scenarios of tests/test_pipeline_grad.py."""
+    for p in module.parameters():
+        p.model_parallel = not is_replicated(p)
+
+
+def measure_grad_norm_before_step(engine) -> None:
+    """DeepSpeed reports no gradient norm on its plain fp32 path; measure it just before the
+    optimizer step (wrapping the engine's step function on this instance)."""
+    take_step = engine._take_model_step
+
+    def with_norm(*args, **kwargs):
+        plain_fp32 = not (engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization())
+        if plain_fp32:
+            sq = torch.zeros(1, dtype=torch.float64)
+            for p in engine.module.parameters():
+                if p.grad is not None and not is_replicated(p):
+                    sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq = sq.to(next(engine.module.parameters()).device)
+            torch.distributed.all_reduce(sq, group=engine.grid.get_pipe_parallel_group())
+            engine.ppllm_grad_norm = float(sq.sqrt())
+        return take_step(*args, **kwargs)
+
+    engine.ppllm_grad_norm = None
+    engine._take_model_step = with_norm
+
+
+def measured_grad_norm(engine) -> float | None:
+    return getattr(engine, "ppllm_grad_norm", None)

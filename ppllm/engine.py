@@ -1,0 +1,163 @@
+"""Building the DeepSpeed pipeline engine and taking one token-weighted optimizer step.
+
+``build_engine`` turns a family's layer list into this rank's stage of a ``PipeModel``, loads
+its layer files, and hands it to ``deepspeed.initialize`` with ppllm's optimizer groups and
+schedule. ``train_step`` / ``eval_step`` feed one step of micro-batches to ``train_batch`` /
+``eval_batch`` with the step's token normaliser attached to the labels.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from data.dataset import trained_tokens
+from ppllm import ds_compat
+
+
+def ds_config(cfg) -> dict:
+    """The DeepSpeed dict: the YAML's DeepSpeed keys plus ppllm's precision and defaults."""
+    ds = json.loads(json.dumps(cfg.ds))
+    ds.setdefault("steps_per_print", 10 ** 9)  # we do our own logging
+    ds.setdefault("pipeline", {}).setdefault("use_reentrant", False)
+    precision = resolve_precision(cfg)
+    if precision == "bf16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif precision == "fp16":
+        ds.setdefault("fp16", {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                               "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1})
+    opt = ds.get("optimizer")
+    if opt and not torch.cuda.is_available() and opt.get("type", "").lower() in ("adam", "adamw"):
+        # DeepSpeed's fused Adam needs CUDA; torch's implementation is used on CPU.
+        opt.setdefault("params", {}).setdefault("torch_adam", True)
+    return ds
+
+
+def resolve_precision(cfg) -> str:
+    for key in ("bf16", "fp16"):
+        if isinstance(cfg.ds.get(key), dict) and cfg.ds[key].get("enabled"):
+            return key
+    if cfg.run.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return cfg.run.precision
+
+
+def param_groups(model: torch.nn.Module, no_decay: list[str]) -> list[dict]:
+    """Weight decay for matrices; none for biases, norm weights and names matching no_decay."""
+    from torch import nn
+
+    from models.common import RMSNorm
+    norm_params = {id(p) for m in model.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))
+                   for p in m.parameters(recurse=False)}
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in norm_params or any(pat in name for pat in no_decay):
+            plain.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda(sched, total_steps: int):
+    """Warmup then cosine (or constant) decay to min_lr_ratio, as a LambdaLR factor."""
+    total = sched.total_steps or total_steps
+    warm = sched.warmup_steps if sched.warmup_steps is not None else int(sched.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if sched.type == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
+                 grad_ckpt: bool, model_path: str | None, no_decay: list[str] | None = None,
+                 lr_scheduler=None, lora=None):
+    """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed.
+    Returns (engine, loss_fn, topology)."""
+    import deepspeed
+
+    from ppllm.pipeline import PipeModel
+    topo = ds_compat.topology(pipe, data)
+    loss_fn = family.loss_fn(margs)
+    model = PipeModel(family.build_specs(margs), bounds=bounds, topology=topo, loss_fn=loss_fn,
+                      seed_layers=True, base_seed=seed,
+                      activation_checkpoint_interval=1 if grad_ckpt else 0,
+                      checkpointable_layers=[family.decoder_class.__name__] if grad_ckpt else None)
+    if lora is not None:
+        from ppllm.lora import apply_lora
+        apply_lora(model, lora)
+        model.flag_stage_parameters()
+    if model_path is not None:
+        model.load_layer_files(model_path)
+    groups = param_groups(model, no_decay if no_decay is not None else ["bias", "norm"])
+    ds_cfg, optimizer = _client_optimizer(ds_cfg, groups)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=groups,
+                                           optimizer=optimizer, lr_scheduler=lr_scheduler)
+    ds_compat.measure_grad_norm_before_step(engine)
+    return engine, loss_fn, topo
+
+
+def grad_norm(engine) -> float | None:
+    """The step's gradient norm: measured by ppllm on the plain fp32 path, else DeepSpeed's."""
+    norm = ds_compat.measured_grad_norm(engine)
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def _client_optimizer(ds_cfg: dict, groups: list[dict]):
+    """DeepSpeed builds Lion as FusedLion, a CUDA-only op; without CUDA use its CPU Lion instead."""
+    opt = ds_cfg.get("optimizer") or {}
+    offload = (ds_cfg.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device") == "cpu"
+    if opt.get("type", "").lower() != "lion" or torch.cuda.is_available() or offload:
+        return ds_cfg, None
+    from deepspeed.ops.lion import DeepSpeedCPULion
+    ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
+    return ds_cfg, DeepSpeedCPULion(groups, **opt.get("params", {}))
+
+
+def with_normaliser(batches: list | None, scale: float) -> list | None:
+    """Attach the step's loss normaliser to every micro-batch's labels: ``(labels, scale)``.
+    The loss function reads it from there (see models.common.TokenLoss)."""
+    if batches is None:
+        return None
+    s = torch.tensor([scale], dtype=torch.float64)
+    return [(inputs, (labels, s)) for inputs, labels in batches]
+
+
+def train_step(engine, batches: list | None) -> float:
+    """One optimizer step whose loss is the token-weighted mean over every micro-batch and replica.
+
+    The engine averages per-micro-batch losses over grad-accum steps and data-parallel
+    replicas; scaling each micro-batch's summed loss by gas * dp / (trained tokens of
+    the whole step) turns that average into sum / count.
+    """
+    scale = 0.0
+    if engine.is_last_stage():
+        grid = engine.grid
+        n_tok = torch.tensor([float(trained_tokens(batches))], dtype=torch.float64)
+        torch.distributed.all_reduce(n_tok, group=grid.get_data_parallel_group())
+        dp = grid.get_data_parallel_world_size()
+        scale = engine.gradient_accumulation_steps() * dp / max(1.0, float(n_tok))
+    batches = with_normaliser(batches, scale)
+    return float(engine.train_batch(iter(batches) if batches is not None else None))
+
+
+def eval_step(engine, batches: list | None) -> tuple[float, float]:
+    """(summed loss, trained tokens) of one step of micro-batches on this replica; both are
+    meaningful on the first stage, which receives the loss from the last."""
+    n = float(trained_tokens(batches)) if batches else 0.0
+    scale = engine.gradient_accumulation_steps() / max(1.0, n)
+    batches = with_normaliser(batches, scale)
+    loss = float(engine.eval_batch(iter(batches) if batches is not None else None))
+    return loss * n, n

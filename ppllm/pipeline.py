@@ -1,0 +1,94 @@
+"""A family's layer list as this rank's pipeline stage, layer-file loading, and the same list run
+unpipelined in one process (the reference of the gradient-equivalence tests)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ppllm import ds_compat
+from ppllm.ds_compat import TiedLayerSpec
+from ppllm.paths import layer_file
+
+
+class PipeModel(ds_compat.BoundedPipelineModule):
+    """This rank's stage of a family's layer list, with explicit stage bounds (``model_topo.parts``)."""
+
+    def __init__(self, layers, *, bounds: list[int], **kwargs):
+        super().__init__(layers, bounds=bounds, **kwargs)
+        self.freeze_unused_tied_parts()
+        self.flag_stage_parameters()
+
+    def freeze_unused_tied_parts(self) -> None:
+        """A tied module is built whole on every stage that uses it, but a stage that only runs its
+        ``forward_fn`` (bloom's head) uses just the tied attribute; the rest (bloom's embedding
+        LayerNorm) would sit in the optimizer with no gradient and never be loaded. Freeze it there."""
+        for _, module, shared, owners in self.tied_groups():
+            if any(i in self.stage_range for i in owners):
+                continue
+            for name, p in module.named_parameters():
+                if name not in shared:
+                    p.requires_grad_(False)
+
+    def flag_stage_parameters(self) -> None:
+        """Call again after adding parameters (LoRA)."""
+        ds_compat.count_in_clip_norm(self)
+
+    def load_layer_files(self, directory: str) -> None:
+        """Strictly load this stage's layer files, then re-sync tied weights."""
+        for index, layer in self.local_layers():
+            load_layer(layer, directory, index)
+        self.sync_tied_weights()
+
+
+def load_layer(module: nn.Module, directory: str, index: int) -> None:
+    path = layer_file(directory, index)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the pipeline folder is incomplete "
+                                f"(re-run convert_model.py hg_to_pp, or gather the files every stage wrote)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise RuntimeError(f"{path} is not a readable layer file (truncated or corrupt: {str(e)[:200]}); "
+                           f"restore it, or re-create the folder with convert_model.py hg_to_pp") from e
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".lora_" not in k]  # adapters are not in base weights
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+
+
+class SequentialModel(nn.Module):
+    """The same layer list run in one process: the unpipelined reference and a CPU runner."""
+
+    def __init__(self, specs: list):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.funcs: list = []
+        tied: dict[str, nn.Module] = {}
+        for idx, spec in enumerate(specs):
+            if isinstance(spec, TiedLayerSpec):
+                if spec.key not in tied:
+                    tied[spec.key] = spec.build()
+                module = tied[spec.key]
+                if spec.forward_fn is not None:
+                    fn = spec.forward_fn
+                    self.funcs.append(lambda x, m=module, fn=fn: fn(m, x))
+                    self.layers.append(nn.Identity())  # keeps indices aligned with file numbers
+                    continue
+            else:
+                module = spec.build()
+            self.layers.append(module)
+            self.funcs.append(module)
+
+    def forward(self, inputs):
+        x = inputs
+        for f in self.funcs:
+            x = f(x)
+        return x
+
+    def load_layer_files(self, directory: str) -> None:
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Identity):
+                continue
+            load_layer(layer, directory, idx)

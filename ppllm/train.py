@@ -1,0 +1,261 @@
+"""The training run: setup, then a loop of step -> log -> eval -> save over ``engine.train_batch``.
+
+``train_pp.py`` parses the command line and calls :func:`main`; everything else is here or one
+call away: the engine in ``ppllm.engine``, data in ``ppllm.feed``, checkpoints in
+``ppllm.checkpoint``, metrics in ``ppllm.metrics``, the partition in ``ppllm.planner``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ppllm import checkpoint as ckpt
+from ppllm import engine as eng
+from ppllm import watchdog
+from ppllm.config import Config, ConfigError, expand_data_paths, load_config
+from ppllm.feed import NoData, format_data_stats, load_data, make_loader
+from ppllm.log import log0
+from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
+from ppllm.paths import METRICS_FILE, tag_for
+from ppllm.planner import format_layout, memory_plan, resolve_partition
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`setup`."""
+    cfg: Config
+    engine: object
+    family: object
+    margs: object
+    bounds: list
+    partition: dict
+    loader: object
+    eval_loader: object | None
+    total: int
+    start: int
+    rank: int
+    world: int
+    is_first: bool
+
+
+def init_process_group(cfg: Config) -> None:
+    import deepspeed
+    deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(seconds=cfg.run.dist_timeout))
+
+
+def setup(cfg: Config) -> Run:
+    """Seeds, partition, data, engine, resume (the process group is up)."""
+    from models.common import set_attention_backend
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    log0(set_attention_backend(cfg.run.use_flash_attn))
+
+    family, margs, bounds = resolve_partition(cfg)
+    topo = eng.ds_compat.topology(cfg.pipe, cfg.data)
+    coord = topo.get_coord(rank)
+    is_first, is_last = coord.pipe == 0, coord.pipe == cfg.pipe - 1
+    reads_data = is_first or is_last
+    loader = make_loader(cfg, cfg.data_files(), margs.model_type, reads_data, coord.data, cfg.data, rank == 0)
+    eval_loader = None
+    if cfg.run.eval_data_path:
+        eval_loader = make_loader(cfg, expand_data_paths(cfg.run.eval_data_path), margs.model_type, reads_data,
+                                  coord.data, cfg.data, False)
+    total = loader.steps_per_epoch * cfg.run.n_epoches
+    if cfg.run.max_steps:
+        total = min(total, cfg.run.max_steps)
+
+    ds = eng.ds_config(cfg)
+    scheduler = None
+    if "scheduler" not in ds:
+        factor = eng.lr_lambda(cfg.run.lr_schedule, total)
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    engine, _, _ = eng.build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds, cfg.run.seed,
+                                    cfg.run.use_grad_ckpt, None if cfg.run.from_scratch else cfg.run.model_path,
+                                    cfg.run.no_decay, scheduler, cfg.run.lora)
+    if cfg.run.lora is not None:
+        n_train = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in engine.module.parameters())
+        log0(f"lora: r={cfg.run.lora.r} alpha={cfg.run.lora.alpha} on {cfg.run.lora.target_modules}; "
+             f"stage 0 trains {n_train} of {n_all} parameters")
+    partition = {"bounds": bounds, "stage_ranks": [topo.filter_match(pipe=s) for s in range(cfg.pipe)]}
+    start = resume(cfg, engine, loader, rank)
+    return Run(cfg, engine, family, margs, bounds, partition, loader, eval_loader, total, start, rank, world,
+               is_first)
+
+
+def resume(cfg: Config, engine, loader, rank: int) -> int:
+    """Load the checkpoint ``resume`` names (weights, optimizer, scheduler, data position, RNG);
+    returns the step to continue after (0 for a fresh run)."""
+    os.makedirs(cfg.run.save_path, exist_ok=True)
+    metrics_path = os.path.join(cfg.run.save_path, METRICS_FILE)
+    start = 0
+    found = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
+    if found is not None:
+        client = ckpt.load(engine, *found, strict=cfg.run.lora is None)
+        start = int(client.get("step", 0))
+        if client.get("data"):
+            loader.load_state_dict(client["data"])
+        log0(f"resumed from {os.path.join(*found)} at step {start}")
+        if rank == 0:
+            ckpt.truncate_metrics(metrics_path, start)
+    elif rank == 0 and os.path.exists(metrics_path):  # keep an earlier run's curve rather than mixing them
+        os.replace(metrics_path, f"{metrics_path}.{time.strftime('%Y%m%d-%H%M%S')}")
+    torch.distributed.barrier()
+    return start
+
+
+def evaluate(engine, loader) -> float:
+    """Token-weighted loss over the whole eval set, across micro-batches and replicas."""
+    loader.load_state_dict({"epoch": 0, "step_in_epoch": 0})
+    acc = torch.zeros(2, dtype=torch.float64)
+    for _ in range(loader.steps_per_epoch):
+        loss_sum, n = eng.eval_step(engine, loader.next_step())
+        if engine.is_first_stage():
+            acc += torch.tensor([loss_sum, n], dtype=torch.float64)
+    torch.distributed.all_reduce(acc)
+    return float(acc[0] / max(1.0, float(acc[1])))
+
+
+class StepLog:
+    """Per-step metrics (rank 0): metrics.jsonl/tensorboard, the progress bar or plain log lines."""
+
+    def __init__(self, run: Run, quiet: bool):
+        from tqdm import tqdm
+        cfg = run.cfg
+        self.run, self.quiet = run, quiet
+        self.rank0 = run.rank == 0
+        self.writer = MetricsWriter(cfg.run.save_path, cfg.run.tensorboard) if self.rank0 else None
+        self.fpt = flops_per_token(run.family, run.margs, cfg.run.max_seq_len)
+        self.peak = device_peak_tflops(cfg.run.peak_tflops)
+        self.bubble = bubble_fraction(cfg.pipe, cfg.grad_accum)
+        # a live bar on a terminal; plain log lines every log_interval steps otherwise (CI, files)
+        self.bar = tqdm(total=run.total, initial=run.start, desc="train", dynamic_ncols=True,
+                        disable=quiet or not self.rank0 or not sys.stderr.isatty())
+
+    def record(self, step: int, loss: float, batches, dt: float) -> dict | None:
+        """Collective over the first stage's data-parallel group (token counts); the record on rank 0."""
+        engine = self.run.engine
+        counts = batch_counts(batches) if self.run.is_first else torch.zeros(3, dtype=torch.float64)
+        if self.run.is_first:
+            torch.distributed.all_reduce(counts, group=engine.grid.get_data_parallel_group())
+        if not self.rank0:
+            return None
+        lrs = engine.get_lr()
+        tok_s = float(counts[0]) / dt
+        return {"step": step, "loss": loss, "lr": float(lrs[0]) if lrs else 0.0, "grad_norm": eng.grad_norm(engine),
+                "tokens": int(counts[0]), "trained_tokens": int(counts[1]), "samples": int(counts[2]),
+                "tokens_per_s": round(tok_s, 2), "samples_per_s": round(float(counts[2]) / dt, 3),
+                "mfu": round(tok_s * self.fpt / (self.peak * 1e12 * self.run.world), 5) if self.peak else None,
+                "bubble": round(self.bubble, 4), "step_time": round(dt, 4)}
+
+    def write(self, record: dict | None) -> None:
+        if record is None:
+            return
+        self.writer.write(record)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+        step, log_every = record["step"], self.run.cfg.run.log_interval
+        if not self.quiet and self.bar.disable and log_every and (
+                step % log_every == 0 or step in (self.run.start + 1, self.run.total)):
+            extra = f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+            print(f"step {step}/{self.run.total} loss {record['loss']:.4f}{extra} lr {record['lr']:.3g} "
+                  f"{record['tokens_per_s']:.0f} tok/s ({record['step_time']:.2f}s/step)", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save(run: Run, step: int) -> None:
+    cfg = run.cfg
+    client = {"step": step, "data": run.loader.state_dict()}
+    ckpt.save(run.engine, cfg.run.save_path, step, client, cfg.run.model_path, run.partition, cfg.run.keep_last,
+              cfg.run.lora)
+
+
+def train(cfg: Config, quiet: bool = False) -> None:
+    init_process_group(cfg)
+    dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
+    run = setup(cfg)
+    log = StepLog(run, quiet)
+    every_eval, every_save = cfg.run.eval_interval, cfg.run.save_interval
+    log0(f"training steps {run.start + 1}..{run.total} ({run.loader.steps_per_epoch} per epoch) on {run.world} "
+         f"processes, precision {eng.resolve_precision(cfg)}")
+    for step in range(run.start + 1, run.total + 1):
+        t0 = time.time()
+        batches = run.loader.next_step()
+        loss = eng.train_step(run.engine, batches)
+        record = log.record(step, loss, batches, time.time() - t0)
+        if run.eval_loader is not None and every_eval and (step % every_eval == 0 or step == run.total):
+            eval_loss = evaluate(run.engine, run.eval_loader)
+            if record is not None:
+                record["eval_loss"] = eval_loss
+        log.write(record)
+        if every_save and step % every_save == 0 and step != run.total:
+            save(run, step)
+    log.close()
+    if run.start < run.total or ckpt.read_latest(cfg.run.save_path) is None:
+        save(run, run.total)
+    watchdog.stop(dog)
+    log0(f"done: {run.total} steps; checkpoint in {cfg.run.save_path} (latest: {tag_for(run.total)})")
+
+
+def dry_run(cfg: Config, show_samples: int = 0) -> int:
+    from data.dataset import DataError
+    family, margs, bounds = resolve_partition(cfg)
+    print(f"config {cfg.source}: OK")
+    print(format_layout(cfg, family, margs, bounds))
+    try:
+        tok, rows, stats = load_data(cfg, margs.model_type)
+    except (DataError, ValueError, FileNotFoundError) as e:  # bad samples, template/tokenizer mismatch
+        print(f"error: {e}")
+        return 2
+    print(format_data_stats(stats))
+    if show_samples:
+        from data.preview import show_samples as render_samples
+        print(render_samples(rows, tok, show_samples, color=sys.stdout.isatty()))
+    per_step = cfg.micro_batch * cfg.grad_accum * cfg.data
+    steps = stats.rows // per_step * cfg.run.n_epoches
+    if cfg.run.max_steps:
+        steps = min(steps, cfg.run.max_steps)
+    print(f"would train {steps} optimizer steps; launch with: deepspeed --num_gpus {cfg.world_size} "
+          f"train_pp.py --config {cfg.source}")
+    return 0
+
+
+def main(config: str, overrides: list[str], dry: bool = False, plan: bool = False, quiet: bool = False,
+         show_samples: int = 0) -> int:
+    """What ``train_pp.py`` runs: the dry run, the memory plan, or training under the launcher."""
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if launched else None
+    try:
+        cfg = load_config(config, overrides, world_size=None if (dry or plan) else world)
+    except ConfigError as e:
+        log0(f"error: {e}")
+        return 2
+    if plan:
+        print(memory_plan(cfg))
+        return 0
+    if dry or show_samples:
+        return dry_run(cfg, show_samples)
+    if not launched:
+        log0(f"error: start training through the DeepSpeed launcher, e.g. "
+             f"`deepspeed --num_gpus {cfg.world_size} train_pp.py --config {config}` "
+             f"(or use --dry-run to check the config)")
+        return 2
+    if eng.resolve_precision(cfg) == "fp16" and not torch.cuda.is_available():
+        log0("error: precision fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
+             "use precision: bf16 or fp32 here")
+        return 2
+    train(cfg, quiet=quiet)
+    return 0
