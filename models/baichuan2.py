@@ -12,20 +12,21 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from .common import RMSNorm, TokenLoss, check_stage_tuple, rope_rotate_half_fp32, sdpa_attention
+from .common import (Embed, FinalNorm, GatedMLP, RMSNorm, StageContext, TokenLoss, check_stage_tuple,
+                     rope_rotate_half_fp32)
 from .family import Family, KeyMap, LayerSpec, init_linear_
-from .llama import MLP, Embed, FinalNorm, LlamaArgs
+from .llama import LlamaArgs
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BaichuanArgs(LlamaArgs):
     z_loss_weight: float = 0.0
 
 
 class BaichuanAttention(nn.Module):
-    def __init__(self, a: BaichuanArgs):
+    def __init__(self, a: BaichuanArgs, ctx: StageContext):
         super().__init__()
-        self.a = a
+        self.a, self.ctx = a, ctx
         self.W_pack = nn.Linear(a.hidden_size, 3 * a.hidden_size, bias=False)
         self.o_proj = nn.Linear(a.hidden_size, a.hidden_size, bias=False)
 
@@ -34,18 +35,18 @@ class BaichuanAttention(nn.Module):
         B, S, H = x_BSH.shape
         q, k, v = self.W_pack(x_BSH).split(H, dim=-1)
         q, k, v = (t.view(B, S, a.num_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
-        cos, sin = a.rope().cos_sin(pos_BS)
+        cos, sin = self.ctx.memo("rope", a.make_rope).cos_sin(pos_BS)
         q, k = rope_rotate_half_fp32(q, cos, sin), rope_rotate_half_fp32(k, cos, sin)
-        return self.o_proj(sdpa_attention(q, k, v, doc_BS))
+        return self.o_proj(self.ctx.attention(q, k, v, doc_BS))
 
 
 class BaichuanDecoderLayer(nn.Module):
-    def __init__(self, a: BaichuanArgs):
+    def __init__(self, a: BaichuanArgs, ctx: StageContext):
         super().__init__()
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = BaichuanAttention(a)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.norm_eps)
+        self.self_attn = BaichuanAttention(a, ctx)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.norm_eps)
+        self.mlp = GatedMLP(a)
         init_linear_(self, a.initializer_range)
 
     def forward(self, inputs):
@@ -77,13 +78,13 @@ class Baichuan2Family(Family):
         return BaichuanArgs(
             model_type="baichuan", vocab_size=cfg["vocab_size"], hidden_size=H,
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=N,
-            num_kv_heads=N, head_dim=H // N, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            num_kv_heads=N, head_dim=H // N, norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=False, qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=None,
             initializer_range=cfg.get("initializer_range", 0.02), hf_config=hf,
             z_loss_weight=float(cfg.get("z_loss_weight", 0.0) or 0.0))
 
-    def build_specs(self, a: BaichuanArgs) -> list:
-        return ([LayerSpec(Embed, a)] + [LayerSpec(BaichuanDecoderLayer, a) for _ in range(a.num_layers)]
+    def layer_specs(self, a: BaichuanArgs, ctx: StageContext) -> list:
+        return ([LayerSpec(Embed, a)] + [LayerSpec(BaichuanDecoderLayer, a, ctx) for _ in range(a.num_layers)]
                 + [LayerSpec(FinalNorm, a), LayerSpec(NormHead, a)])
 
     def key_map(self, a: BaichuanArgs) -> KeyMap:

@@ -18,31 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_stage_tuple, sdpa_attention
+from .common import ModelArgs, StageContext, _PerBatch, check_stage_tuple, tied_head_forward
 from .family import Family, KeyMap, LayerSpec, TiedLayerSpec, init_linear_
-from .llama import tied_head_forward  # the head is F.linear with the tied matrix, as in llama
 
 
-@dataclass
-class BloomArgs:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    eps: float
-    initializer_range: float
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def slopes(self) -> torch.Tensor:
-        cache = self.__dict__.get("_slopes")
-        if cache is None:
-            cache = alibi_slopes(self.num_heads)
-            self.__dict__["_slopes"] = cache
-        return cache
+@dataclass(kw_only=True)
+class BloomArgs(ModelArgs):
+    """bloom: num_kv_heads = num_heads, head_dim = H / N, intermediate_size = 4H."""
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -64,22 +46,9 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-class _AlibiCache:
-    """The [B,N,1,S] bias of a micro-batch, built once and shared by every block."""
-
-    def __init__(self):
-        self._key = None
-        self._value = None
-
-    def get(self, slopes_N: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
-        if self._key is None or self._key[0] is not pos_BS or self._key[1] is not slopes_N:
-            s = slopes_N.to(pos_BS.device)
-            self._value = s[None, :, None, None] * pos_BS[:, None, None, :].to(torch.float32)
-            self._key = (pos_BS, slopes_N)
-        return self._value
-
-
-ALIBI = _AlibiCache()
+def alibi_bias(slopes_N: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+    """The [B,N,1,S] bias of a micro-batch: slope times the key's position in its document."""
+    return slopes_N.to(pos_BS.device)[None, :, None, None] * pos_BS[:, None, None, :].to(torch.float32)
 
 
 class BloomEmbed(nn.Module):
@@ -88,7 +57,7 @@ class BloomEmbed(nn.Module):
     def __init__(self, a: BloomArgs):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(a.vocab_size, a.hidden_size))
-        self.layernorm = nn.LayerNorm(a.hidden_size, eps=a.eps)
+        self.layernorm = nn.LayerNorm(a.hidden_size, eps=a.norm_eps)
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=a.initializer_range)
 
@@ -98,9 +67,9 @@ class BloomEmbed(nn.Module):
 
 
 class BloomAttention(nn.Module):
-    def __init__(self, a: BloomArgs):
+    def __init__(self, a: BloomArgs, ctx: StageContext):
         super().__init__()
-        self.a = a
+        self.a, self.ctx = a, ctx
         self.query_key_value = nn.Linear(a.hidden_size, 3 * a.hidden_size)
         self.dense = nn.Linear(a.hidden_size, a.hidden_size)
 
@@ -110,26 +79,27 @@ class BloomAttention(nn.Module):
         # rows of the fused matrix are grouped per head: [q_h, k_h, v_h] for h = 0..N-1
         qkv = self.query_key_value(x_BSH).view(B, S, a.num_heads, 3, a.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
-        bias = ALIBI.get(a.slopes(), pos_BS)
-        return self.dense(sdpa_attention(q, k, v, doc_BS, bias_BNSS=bias, softmax_fp32=True))
+        slopes = self.ctx.memo("alibi_slopes", lambda: alibi_slopes(a.num_heads))
+        bias = self.ctx.memo("alibi_bias", lambda: _PerBatch(alibi_bias)).get(slopes, pos_BS)
+        return self.dense(self.ctx.attention(q, k, v, doc_BS, bias_BNSS=bias, softmax_fp32=True))
 
 
 class BloomMLP(nn.Module):
     def __init__(self, a: BloomArgs):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(a.hidden_size, 4 * a.hidden_size)
-        self.dense_4h_to_h = nn.Linear(4 * a.hidden_size, a.hidden_size)
+        self.dense_h_to_4h = nn.Linear(a.hidden_size, a.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(a.intermediate_size, a.hidden_size)
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
 class BloomBlock(nn.Module):
-    def __init__(self, a: BloomArgs):
+    def __init__(self, a: BloomArgs, ctx: StageContext):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(a.hidden_size, eps=a.eps)
-        self.self_attention = BloomAttention(a)
-        self.post_attention_layernorm = nn.LayerNorm(a.hidden_size, eps=a.eps)
+        self.input_layernorm = nn.LayerNorm(a.hidden_size, eps=a.norm_eps)
+        self.self_attention = BloomAttention(a, ctx)
+        self.post_attention_layernorm = nn.LayerNorm(a.hidden_size, eps=a.norm_eps)
         self.mlp = BloomMLP(a)
         init_linear_(self, a.initializer_range)
 
@@ -141,7 +111,7 @@ class BloomBlock(nn.Module):
 
 class BloomFinalNorm(nn.LayerNorm):
     def __init__(self, a: BloomArgs):
-        super().__init__(a.hidden_size, eps=a.eps)
+        super().__init__(a.hidden_size, eps=a.norm_eps)
 
     def forward(self, inputs):
         h, pos, doc = inputs
@@ -169,15 +139,16 @@ class BloomFamily(Family):
         if H % N:
             raise ValueError(f"bloom config: hidden_size {H} is not divisible by n_head {N}")
         return BloomArgs(model_type="bloom", vocab_size=cfg["vocab_size"], hidden_size=H, num_layers=L,
-                         num_heads=N, eps=cfg.get("layer_norm_epsilon", 1e-5),
+                         num_heads=N, num_kv_heads=N, head_dim=H // N, intermediate_size=4 * H,
+                         norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
                          initializer_range=cfg.get("initializer_range", 0.02))
 
     def is_tied(self, a: BloomArgs) -> bool:
         return True
 
-    def build_specs(self, a: BloomArgs) -> list:
+    def layer_specs(self, a: BloomArgs, ctx: StageContext) -> list:
         return ([TiedLayerSpec("embed", BloomEmbed, a, tied_weight_attr="weight")]
-                + [LayerSpec(BloomBlock, a) for _ in range(a.num_layers)]
+                + [LayerSpec(BloomBlock, a, ctx) for _ in range(a.num_layers)]
                 + [LayerSpec(BloomFinalNorm, a),
                    TiedLayerSpec("embed", BloomEmbed, a, forward_fn=tied_head_forward, tied_weight_attr="weight")])
 

@@ -5,7 +5,8 @@ Pre-norm RMSNorm blocks (weight applied in fp32), multi-query attention with
 then all k, then all v), rope on the first half of each head in interleaved pairs
 with base 10000 * rope_ratio, and a fused ``dense_h_to_4h`` whose first half is the
 gate.  The original is seq-first; we stay batch-first inside the pipeline.
-Numerical reference: ``GlmForCausalLM`` (REFERENCE.md section 1 gives the mapping).
+Numerical reference: ``GlmForCausalLM`` with partial_rotary_factor 0.5 and rope_theta 10000 * rope_ratio;
+the weight and config mapping is written out in tests/test_families.py (chatglm3 parity).
 """
 from __future__ import annotations
 
@@ -15,43 +16,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import RMSNorm, RopeCache, check_stage_tuple, default_inv_freq, rope_interleaved_partial, sdpa_attention
+from .common import (Embed, FinalNorm, Head, ModelArgs, RMSNorm, RopeCache, StageContext, check_stage_tuple,
+                     default_inv_freq, rope_interleaved_partial)
 from .family import Family, KeyMap, LayerSpec, init_linear_
-from .llama import Embed, FinalNorm, Head
 
 
-@dataclass
-class ChatGLMArgs:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    eps: float
+@dataclass(kw_only=True)
+class ChatGLMArgs(ModelArgs):
     rope_ratio: float
     qkv_bias: bool
     linear_bias: bool
-    initializer_range: float
 
     @property
     def rotary_dim(self) -> int:
         return self.head_dim // 2
 
-    def rope(self) -> RopeCache:
-        cache = self.__dict__.get("_rope")
-        if cache is None:
-            cache = RopeCache(default_inv_freq(self.rotary_dim, 10000.0 * self.rope_ratio))
-            self.__dict__["_rope"] = cache
-        return cache
+    def make_rope(self) -> RopeCache:
+        return RopeCache(default_inv_freq(self.rotary_dim, 10000.0 * self.rope_ratio))
 
 
 class ChatGLMAttention(nn.Module):
-    def __init__(self, a: ChatGLMArgs):
+    def __init__(self, a: ChatGLMArgs, ctx: StageContext):
         super().__init__()
-        self.a = a
+        self.a, self.ctx = a, ctx
         out = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
         self.query_key_value = nn.Linear(a.hidden_size, out, bias=a.qkv_bias or a.linear_bias)
         self.dense = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.linear_bias)
@@ -64,9 +51,9 @@ class ChatGLMAttention(nn.Module):
         q = q.view(B, S, a.num_heads, a.head_dim).transpose(1, 2)
         k = k.view(B, S, a.num_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, S, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        cos, sin = a.rope().cos_sin(pos_BS)
+        cos, sin = self.ctx.memo("rope", a.make_rope).cos_sin(pos_BS)
         q, k = rope_interleaved_partial(q, cos, sin), rope_interleaved_partial(k, cos, sin)
-        return self.dense(sdpa_attention(q, k, v, doc_BS))
+        return self.dense(self.ctx.attention(q, k, v, doc_BS))
 
 
 class ChatGLMMLP(nn.Module):
@@ -81,11 +68,11 @@ class ChatGLMMLP(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, a: ChatGLMArgs):
+    def __init__(self, a: ChatGLMArgs, ctx: StageContext):
         super().__init__()
-        self.input_layernorm = RMSNorm(a.hidden_size, a.eps, weight_in_fp32=True)
-        self.self_attention = ChatGLMAttention(a)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.eps, weight_in_fp32=True)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.norm_eps, weight_in_fp32=True)
+        self.self_attention = ChatGLMAttention(a, ctx)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.norm_eps, weight_in_fp32=True)
         self.mlp = ChatGLMMLP(a)
         init_linear_(self, a.initializer_range)
 
@@ -96,8 +83,7 @@ class GLMBlock(nn.Module):
 
 
 class GLMFinalNorm(FinalNorm):
-    def __init__(self, a: ChatGLMArgs):
-        RMSNorm.__init__(self, a.hidden_size, a.eps, weight_in_fp32=True)
+    weight_in_fp32 = True
 
 
 class OutputLayer(Head):
@@ -121,12 +107,12 @@ class ChatGLM3Family(Family):
         return ChatGLMArgs(
             model_type="chatglm", vocab_size=cfg["padded_vocab_size"], hidden_size=H,
             intermediate_size=cfg["ffn_hidden_size"], num_layers=cfg["num_layers"], num_heads=N,
-            num_kv_heads=groups, head_dim=cfg.get("kv_channels", H // N), eps=cfg.get("layernorm_epsilon", 1e-5),
+            num_kv_heads=groups, head_dim=cfg.get("kv_channels", H // N), norm_eps=cfg.get("layernorm_epsilon", 1e-5),
             rope_ratio=float(cfg.get("rope_ratio", 1.0)), qkv_bias=bool(cfg.get("add_qkv_bias", False)),
             linear_bias=bool(cfg.get("add_bias_linear", False)), initializer_range=cfg.get("initializer_range", 0.02))
 
-    def build_specs(self, a: ChatGLMArgs) -> list:
-        return ([LayerSpec(Embed, a)] + [LayerSpec(GLMBlock, a) for _ in range(a.num_layers)]
+    def layer_specs(self, a: ChatGLMArgs, ctx: StageContext) -> list:
+        return ([LayerSpec(Embed, a)] + [LayerSpec(GLMBlock, a, ctx) for _ in range(a.num_layers)]
                 + [LayerSpec(GLMFinalNorm, a), LayerSpec(OutputLayer, a)])
 
     def key_map(self, a: ChatGLMArgs) -> KeyMap:

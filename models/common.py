@@ -14,11 +14,29 @@ which is what DeepSpeed's pipeline engine expects.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 StageTuple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """What every family's parsed config holds; the planner, metrics and the shared stage
+    modules below read only these. Families subclass it with their own switches."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    initializer_range: float = 0.02
 
 
 def check_stage_tuple(inputs: StageTuple, where: str) -> StageTuple:
@@ -58,6 +76,64 @@ class RMSNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# Stage modules shared by the families (first and last pipeline layers, the gated MLP)
+
+
+class Embed(nn.Module):
+    """Token embedding [V, H]; the first pipeline layer: ids -> hidden state."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(a.vocab_size, a.hidden_size))
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=a.initializer_range)
+
+    def forward(self, inputs):
+        ids, pos, doc = check_stage_tuple(inputs, "embed")
+        return F.embedding(ids, self.weight), pos, doc
+
+
+def tied_head_forward(embed: Embed, inputs):
+    """The head of a tied model: logits from the embedding matrix (a TiedLayerSpec forward_fn)."""
+    h, _, _ = inputs
+    return F.linear(h, embed.weight)
+
+
+class Head(Embed):
+    """Untied output projection: the same [V, H] matrix shape as the embedding."""
+
+    def forward(self, inputs):
+        h, _, _ = inputs
+        return F.linear(h, self.weight)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with llama's names."""
+
+    def __init__(self, a: ModelArgs, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FinalNorm(RMSNorm):
+    """The RMSNorm after the last decoder layer, as its own pipeline layer."""
+
+    weight_in_fp32 = False  # chatglm3 multiplies the weight in fp32
+
+    def __init__(self, a: ModelArgs):
+        super().__init__(a.hidden_size, a.norm_eps, weight_in_fp32=type(self).weight_in_fp32)
+
+    def forward(self, inputs):
+        h, pos, doc = inputs
+        return super().forward(h), pos, doc
+
+
+# ---------------------------------------------------------------------------
 # Rotary embeddings
 
 
@@ -71,18 +147,16 @@ class RopeCache:
     def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
         self.inv_freq = inv_freq.float()
         self.scaling = scaling
-        # Holding the key tensor itself keeps its memory alive, so identity is a
-        # safe cache test: all layers of a stage see the same position tensor.
-        self._key: torch.Tensor | None = None
-        self._value = None
+        self._tables = _PerBatch(self._build)
+
+    def _build(self, position_ids_BS: torch.Tensor):
+        inv = self.inv_freq.to(position_ids_BS.device)
+        freqs = position_ids_BS[..., None].float() * inv  # [B,S,D/2]
+        return freqs.cos() * self.scaling, freqs.sin() * self.scaling
 
     def cos_sin(self, position_ids_BS: torch.Tensor):
-        if self._key is not position_ids_BS:
-            inv = self.inv_freq.to(position_ids_BS.device)
-            freqs = position_ids_BS[..., None].float() * inv  # [B,S,D/2]
-            self._value = (freqs.cos() * self.scaling, freqs.sin() * self.scaling)
-            self._key = position_ids_BS
-        return self._value
+        """Computed once per micro-batch and shared by the layers of a stage."""
+        return self._tables.get(position_ids_BS)
 
 
 def rope_rotate_half(x_BNSD: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor) -> torch.Tensor:
@@ -131,71 +205,93 @@ def doc_causal_mask(doc_ids_BS: torch.Tensor, window: int | None = None) -> torc
     return (same_doc & causal).unsqueeze(1)
 
 
-class MaskCache:
-    """Builds the attention mask once per micro-batch and shares it between layers."""
+class _PerBatch:
+    """One value per micro-batch, keyed by the identity of an input tensor: every layer of a stage
+    sees the same position/doc tensor objects, so identity is a safe test (holding the key keeps
+    its memory alive, so the id cannot be reused while cached)."""
 
-    def __init__(self):
+    def __init__(self, build):
+        self._build = build
         self._key: tuple | None = None
-        self._mask = None
+        self._value = None
 
-    def get(self, doc_ids_BS: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        if self._key is None or self._key[0] is not doc_ids_BS or self._key[1] != window:
-            self._mask = doc_causal_mask(doc_ids_BS, window)
-            self._key = (doc_ids_BS, window)
-        return self._mask
-
-
-MASKS = MaskCache()
+    def get(self, *key):
+        if self._key is None or len(self._key) != len(key) or not all(map(_same, self._key, key)):
+            self._value = self._build(*key)
+            self._key = key
+        return self._value
 
 
-ATTENTION_BACKEND = {"name": "sdpa"}
+def _same(a, b) -> bool:
+    return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
 
 
-def set_attention_backend(use_flash_attn: bool) -> str:
-    """Pick flash-attn 2 when asked for, installed and on CUDA; otherwise SDPA. Returns a notice."""
+def _cu_seqlens(doc_ids_BS: torch.Tensor):
+    """cu_seqlens and the longest segment of a packed batch, for flash-attn's varlen kernels."""
+    B, S = doc_ids_BS.shape
+    # a new segment starts at every row start and every change of doc id
+    flat = (doc_ids_BS + (torch.arange(B, device=doc_ids_BS.device) * (S + 2))[:, None]).flatten()
+    start = torch.ones_like(flat, dtype=torch.bool)
+    start[1:] = flat[1:] != flat[:-1]
+    starts = torch.nonzero(start).flatten()
+    cu = torch.cat([starts, torch.tensor([B * S], device=flat.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def attention_backend(use_flash_attn: bool) -> tuple[str, str]:
+    """('flash' or 'sdpa', a notice): flash-attn 2 when asked for, installed and on CUDA."""
     if not use_flash_attn:
-        ATTENTION_BACKEND["name"] = "sdpa"
-        return "attention: SDPA"
+        return "sdpa", "attention: SDPA"
     import importlib.util
     if not torch.cuda.is_available():
         why = "no CUDA device"
     elif importlib.util.find_spec("flash_attn") is None:
         why = "flash-attn is not installed (pip install -r requirements-gpu.txt)"
     else:
-        ATTENTION_BACKEND["name"] = "flash"
-        return "attention: flash-attn 2 (varlen kernels for packed rows)"
-    ATTENTION_BACKEND["name"] = "sdpa"
-    return f"use_flash_attn: {why}; falling back to SDPA"
+        return "flash", "attention: flash-attn 2 (varlen kernels for packed rows)"
+    return "sdpa", f"use_flash_attn: {why}; falling back to SDPA"
 
 
-class _SeqlenCache:
-    """cu_seqlens of a packed batch for flash-attn's varlen kernels, once per micro-batch."""
+class StageContext:
+    """What the layers built by one ``Family.build_specs`` call share: the attention backend and
+    the per-micro-batch caches (document mask, flash-attn cu_seqlens, and family extras such as
+    RoPE tables and ALiBi biases through :meth:`memo`). Each layer gets it as a constructor
+    argument; nothing is kept in module globals."""
 
-    def __init__(self):
-        self._key = None
-        self._value = None
+    def __init__(self, backend: str = "sdpa"):
+        if backend not in ("sdpa", "flash"):
+            raise ValueError(f"attention backend {backend!r}: use 'sdpa' or 'flash'")
+        self.backend = backend
+        self._masks = _PerBatch(doc_causal_mask)
+        self._seqlens = _PerBatch(_cu_seqlens)
+        self._memo: dict = {}
 
-    def get(self, doc_ids_BS: torch.Tensor):
-        if self._key is not doc_ids_BS:
-            B, S = doc_ids_BS.shape
-            # a new segment starts at every row start and every change of doc id
-            flat = (doc_ids_BS + (torch.arange(B, device=doc_ids_BS.device) * (S + 2))[:, None]).flatten()
-            start = torch.ones_like(flat, dtype=torch.bool)
-            start[1:] = flat[1:] != flat[:-1]
-            starts = torch.nonzero(start).flatten()
-            cu = torch.cat([starts, torch.tensor([B * S], device=flat.device)]).to(torch.int32)
-            self._value = (cu, int((cu[1:] - cu[:-1]).max()))
-            self._key = doc_ids_BS
-        return self._value
+    def memo(self, key: str, build):
+        """A value built once per model (RoPE tables, ALiBi slopes, a _PerBatch cache)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def mask(self, doc_ids_BS: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        return self._masks.get(doc_ids_BS, window)
+
+    def cu_seqlens(self, doc_ids_BS: torch.Tensor):
+        return self._seqlens.get(doc_ids_BS)
+
+    def attention(self, q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, doc_ids_BS: torch.Tensor,
+                  window: int | None = None, bias_BNSS: torch.Tensor | None = None,
+                  softmax_fp32: bool = False) -> torch.Tensor:
+        """Causal, document-masked attention. Returns [B,S,N*D]."""
+        if (self.backend == "flash" and bias_BNSS is None and not softmax_fp32 and q_BNSD.is_cuda
+                and q_BNSD.dtype in (torch.float16, torch.bfloat16)):
+            return _flash_attention(q_BNSD, k_BKSD, v_BKSD, self.cu_seqlens(doc_ids_BS), window)
+        return sdpa_attention(q_BNSD, k_BKSD, v_BKSD, self.mask(doc_ids_BS, window), bias_BNSS, softmax_fp32)
 
 
-SEQLENS = _SeqlenCache()
-
-
-def _flash_attention(q_BNSD, k_BKSD, v_BKSD, doc_ids_BS, window):
+def _flash_attention(q_BNSD, k_BKSD, v_BKSD, cu_seqlens, window):
     from flash_attn import flash_attn_varlen_func
     B, N, S, D = q_BNSD.shape
-    cu, max_len = SEQLENS.get(doc_ids_BS)
+    cu, max_len = cu_seqlens
     q = q_BNSD.transpose(1, 2).reshape(B * S, N, D)
     k = k_BKSD.transpose(1, 2).reshape(B * S, k_BKSD.shape[1], D)
     v = v_BKSD.transpose(1, 2).reshape(B * S, v_BKSD.shape[1], D)
@@ -204,26 +300,21 @@ def _flash_attention(q_BNSD, k_BKSD, v_BKSD, doc_ids_BS, window):
     return out.reshape(B, S, N * D)
 
 
-def sdpa_attention(q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, doc_ids_BS: torch.Tensor,
-                   window: int | None = None, bias_BNSS: torch.Tensor | None = None,
-                   softmax_fp32: bool = False) -> torch.Tensor:
-    """Causal, document-masked attention. Returns [B,S,N*D]."""
+def sdpa_attention(q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask_B1SS: torch.Tensor,
+                   bias_BNSS: torch.Tensor | None = None, softmax_fp32: bool = False) -> torch.Tensor:
+    """Attention under a boolean mask (True = attend). Returns [B,S,N*D]."""
     B, N, S, D = q_BNSD.shape
-    if (ATTENTION_BACKEND["name"] == "flash" and bias_BNSS is None and not softmax_fp32 and q_BNSD.is_cuda
-            and q_BNSD.dtype in (torch.float16, torch.bfloat16)):
-        return _flash_attention(q_BNSD, k_BKSD, v_BKSD, doc_ids_BS, window)
-    mask = MASKS.get(doc_ids_BS, window)
     if bias_BNSS is not None or softmax_fp32:
         # explicit path (alibi): bias added before softmax, softmax in fp32
         scores = torch.matmul(q_BNSD, _repeat_kv(k_BKSD, N).transpose(-1, -2)) / math.sqrt(D)
         scores = scores.float()
         if bias_BNSS is not None:
             scores = scores + bias_BNSS
-        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        scores = scores.masked_fill(~mask_B1SS, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(q_BNSD.dtype)
         out = torch.matmul(probs, _repeat_kv(v_BKSD, N))
     else:
-        out = F.scaled_dot_product_attention(q_BNSD, k_BKSD, v_BKSD, attn_mask=mask,
+        out = F.scaled_dot_product_attention(q_BNSD, k_BKSD, v_BKSD, attn_mask=mask_B1SS,
                                              enable_gqa=k_BKSD.shape[1] != N)
     return out.transpose(1, 2).reshape(B, S, N * D)
 

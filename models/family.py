@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+from .common import StageContext
+
 
 @dataclass
 class KeyMap:
@@ -83,9 +85,14 @@ class Family:
     def is_tied(self, args: Any) -> bool:
         return False
 
-    def build_specs(self, args: Any) -> list:
-        """[embed, layers..., norm, head] as LayerSpec/TiedLayerSpec."""
+    def layer_specs(self, args: Any, ctx: StageContext) -> list:
+        """[embed, layers..., norm, head] as LayerSpec/TiedLayerSpec, in ``layer_kinds`` order;
+        layers that attend take ``ctx``."""
         raise NotImplementedError
+
+    def build_specs(self, args: Any, attention: str = "sdpa") -> list:
+        """The layer list of one model: its layers share one StageContext (backend and caches)."""
+        return self.layer_specs(args, StageContext(attention))
 
     def key_map(self, args: Any) -> KeyMap:
         raise NotImplementedError

@@ -35,9 +35,11 @@ DEEPSPEED_KEYS = {
 
 
 class Topology(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    axes: list[str] = Field(default=["pipe", "data"], description="must be [pipe, data]")
-    dims: list[int] = Field(description="[pipeline stages, data-parallel replicas]")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    axes: list[str] = Field(default=["pipe", "data"])
+    """fixed"""
+    dims: list[int]
+    """`[stages, data-parallel replicas]`; the product must equal the number of launched processes"""
 
     @field_validator("axes")
     @classmethod
@@ -55,93 +57,136 @@ class Topology(BaseModel):
 
 
 class ModelTopo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     process_topology: Topology
-    #: layers per pipeline stage; omitted or "auto" balances compute
-    parts: list[int] | Literal["auto"] | None = None
+    parts: list[int] | Literal["auto"] | None = "auto"
+    """pipeline layers per stage, e.g. `[5, 4, 4, 4, 4, 4, 4, 6]`; must sum to L + 3. `auto` balances compute (the
+    embedding is nearly free, the head costs like a matmul of its size)"""
 
 
 class LrSchedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    #: cosine decays to min_lr_ratio * lr after warmup; constant keeps lr after warmup
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     type: Literal["cosine", "constant"] = "cosine"
-    #: linear warmup steps (or warmup_ratio of the total)
+    """cosine decays to min_lr_ratio * lr after warmup; constant keeps lr after warmup"""
     warmup_steps: int | None = Field(default=None, ge=0)
+    """linear warmup steps (or warmup_ratio of the total)"""
     warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
-    #: final lr as a fraction of the peak lr
+    """warmup as a fraction of the schedule length, when warmup_steps is not given"""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
-    #: schedule length; default: the number of optimizer steps this run will take
+    """final lr as a fraction of the peak lr"""
     total_steps: int | None = Field(default=None, ge=1)
+    """schedule length; default: the number of optimizer steps this run will take"""
 
 
 class RunConfig(BaseModel):
     """ppllm's own keys. DeepSpeed keys live in ``ds`` (not declared here)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     model_topo: ModelTopo
-    #: folder written by ``convert_model.py hg_to_pp`` (or a training checkpoint tag folder)
     model_path: str
-    #: initialise weights randomly instead of loading layer files (config.json still from model_path)
+    """folder made by `hg_to_pp` or a checkpoint tag folder"""
     from_scratch: bool = False
-    #: where checkpoints and metrics.jsonl go
+    """random init (HF-style normal, `initializer_range`) instead of loading layer files"""
     save_path: str
-    #: one file, a list of files, or glob patterns (JSON array or JSON Lines)
+    """checkpoints and `metrics.jsonl`"""
     data_path: str | list[str]
-    #: tokenizer folder; defaults to model_path
+    """a file, a list of files, or glob patterns; JSON array or JSON Lines"""
     tokenizer_path: str | None = None
-    #: every micro-batch is [micro_batch, max_seq_len] tokens
+    """tokenizer folder; default: `model_path`"""
     max_seq_len: int = Field(default=1024, ge=8)
-    #: passes over the data
+    """every micro-batch is `[micro_batch, max_seq_len]` tokens (the row length)"""
     n_epoches: int = Field(default=1, ge=1)
-    #: stop after this many optimizer steps (beats n_epoches)
+    """passes over the data (`epochs` is accepted too)"""
     max_steps: int | None = Field(default=None, ge=1)
-    #: save a checkpoint every N optimizer steps (and always at the end)
+    """caps optimizer steps (beats `n_epoches`)"""
     save_interval: int | None = Field(default=None, ge=1)
+    """save every N steps (always at the end)"""
     seed: int = 42
-    #: checkpoint every decoder layer's activations (non-reentrant)
+    """layer init, data order"""
     use_grad_ckpt: bool = False
-    #: flash-attn 2 on CUDA when installed; otherwise SDPA with a notice
+    """activation checkpointing of every decoder layer (non-reentrant)"""
     use_flash_attn: bool = False
-    #: pack several samples per row (attention never crosses documents); false pads each sample
+    """flash-attn 2 varlen kernels on CUDA when installed; otherwise SDPA, with one notice"""
     packing: bool = True
-    #: prompt template: auto picks from the model config
+    """several samples share a row: best fit, positions restart per document, attention never crosses documents,
+    and no label spans two documents. `false` puts one sample per row with padding"""
     template: Literal["auto", "plain", "llama2", "llama3", "chatglm3", "baichuan2"] = "auto"
-    #: what to do with a sample longer than max_seq_len
+    """`plain`, `llama2`, `llama3`, `chatglm3`, `baichuan2`; `auto` picks from the model config (see Data)"""
     overlong: Literal["truncate", "drop"] = "truncate"
-    #: stop before training when any sample is malformed, listing every FILE:LINE; false skips bad samples
-    #: and reports a count per reason
+    """`truncate` cuts at the last turn boundary that fits (after an answer), or hard at `max_seq_len` when no turn
+    fits; `drop` drops the sample. Both are counted"""
     strict: bool = True
-    #: sampling weight per data_path entry (same order; a glob's files share its weight): 2.0 uses a source
-    #: twice per epoch, 0.5 a seeded half of it
+    """stop on any malformed sample, listing every one; `false` skips bad samples and counts them per reason"""
     data_weights: list[float] | None = None
-    #: print the loss every N steps on rank 0 (0 = progress bar only)
+    """one weight per `data_path` entry. 2.0 uses a source twice per epoch; 0.5 uses a seeded half of it; 0 leaves
+    it out"""
     log_interval: int = Field(default=1, ge=0)
-    #: auto: continue from save_path/latest when there is one; never; or a checkpoint folder
+    """log line every N steps when not on a terminal"""
     resume: str = "auto"
-    #: keep only the newest N checkpoints (None keeps all)
+    """`auto` continues from `save_path/latest` when there is one; `never`; or a checkpoint folder"""
     keep_last: int | None = Field(default=None, ge=1)
-    #: auto = bf16 on CUDA, fp32 on CPU; the loss is computed in fp32 in every mode
+    """keep only the newest N checkpoints"""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    #: parameters whose qualified name contains one of these get no weight decay (norm weights always)
+    """`bf16`, `fp16` (dynamic loss scaling) or `fp32`; `auto` = bf16 on CUDA, fp32 on CPU. An explicit DeepSpeed
+    `bf16`/`fp16` section wins. The loss is always computed in fp32"""
     no_decay: list[str] = Field(default_factory=lambda: ["bias", "norm"])
-    #: warmup + cosine learning-rate schedule, used when no DeepSpeed `scheduler` is given
+    """parameter-name substrings without weight decay (norm weights never decay)"""
     lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
-    #: held-out data (same formats as data_path) evaluated every eval_interval steps and at the end
+    """`{type: cosine|constant, warmup_steps or warmup_ratio, min_lr_ratio: 0.1, total_steps}`; used when no
+    DeepSpeed `scheduler` is given; `total_steps` defaults to the steps this run takes (data size × epochs ÷
+    batch, capped by `max_steps`)"""
     eval_data_path: str | list[str] | None = None
+    """held-out data evaluated every N steps and at the end; token-weighted `eval_loss` in `metrics.jsonl`"""
     eval_interval: int | None = Field(default=None, ge=1)
-    #: peak accelerator TFLOP/s for the MFU estimate (default from the device type)
+    """evaluate eval_data_path every N steps (and at the end)"""
     peak_tflops: float | None = Field(default=None, gt=0)
-    #: write tensorboard event files to save_path/tensorboard
+    """peak for the MFU estimate (H100/H200 989, A100 312, …)"""
     tensorboard: bool = True
-    #: low-rank adapters {r, alpha, dropout, target_modules}; base weights are frozen
+    """event files in `save_path/tensorboard`"""
     lora: LoraConfig | None = None
-    #: seconds without a heartbeat from a rank before every rank stops with a message naming it (0 = off)
+    """`{r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj]}`; see LoRA"""
     watchdog_timeout: float = Field(default=30.0, ge=0)
-    #: seconds a collective may wait for the other ranks before it fails (the process-group timeout)
+    """seconds without a rank's heartbeat before every rank stops, naming it; `0` disables (see Multi-node)"""
     dist_timeout: float = Field(default=1800.0, gt=0)
+    """process-group timeout in seconds: the longest a collective may wait for live but stuck ranks"""
 
 
 PPLLM_KEYS = set(RunConfig.model_fields) | {"epochs"}
+
+
+def _default_text(field) -> str:
+    from pydantic_core import PydanticUndefined
+    if field.is_required():
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if value is PydanticUndefined or value is None:
+        return "none"
+    if isinstance(value, BaseModel):
+        return "see meaning"
+    return "`" + yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip().removesuffix("...").strip() + "`"
+
+
+def config_rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every ppllm key, from the schema's field docstrings."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if name == "model_topo" or ann in (ModelTopo, Topology):
+            rows += config_rows(ann, f"{prefix}{name}.")
+            continue
+        rows.append((prefix + name, _default_text(field), " ".join((field.description or "").split())))
+    return rows
+
+
+def describe_config(markdown: bool = True) -> str:
+    """The README's config table (``train_pp.py --help-config``); generated, never edited by hand."""
+    rows = config_rows()
+    if markdown:
+        cell = lambda t: t.replace("|", "\\|")  # noqa: E731
+        return "\n".join(["| key | default | meaning |", "|---|---|---|"]
+                         + [f"| `{k}` | {cell(d)} | {cell(m)} |" for k, d, m in rows])
+    width = max(len(k) for k, _, _ in rows)
+    return "\n".join(f"{k:<{width}}  {d:<12} {m}" for k, d, m in rows)
 
 
 class ConfigError(Exception):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.common import ModelArgs
 from ppllm.partition import balanced_bounds, bounds_from_parts, layer_costs, parts_from_bounds
 
 GB = 1 << 30
@@ -64,16 +65,14 @@ def _dtype_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def layer_activation_bytes(margs, kind: str, s: Setup) -> int:
+def layer_activation_bytes(margs: ModelArgs, kind: str, s: Setup) -> int:
     """Bytes one pipeline layer keeps for backward for one micro-batch."""
     b = _dtype_bytes(s.precision)
     B, S = s.micro_batch, s.seq_len
     H = margs.hidden_size
     if kind == "decoder":
         N = margs.num_heads
-        K = getattr(margs, "num_kv_heads", N)
-        D = getattr(margs, "head_dim", H // N)
-        inter = getattr(margs, "intermediate_size", 4 * H)
+        K, D, inter = margs.num_kv_heads, margs.head_dim, margs.intermediate_size
         mask = 0 if s.flash else 4 * B * S * S
         full = b * (9 * B * S * H + 2 * B * S * K * D + 4 * B * S * inter + 4 * B * S * D) + 4 * B * N * S + mask
         return b * B * S * H if s.grad_ckpt else full

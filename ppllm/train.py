@@ -52,12 +52,13 @@ def init_process_group(cfg: Config) -> None:
 
 def setup(cfg: Config) -> Run:
     """Seeds, partition, data, engine, resume (the process group is up)."""
-    from models.common import set_attention_backend
+    from models.common import attention_backend
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    log0(set_attention_backend(cfg.run.use_flash_attn))
+    attention, notice = attention_backend(cfg.run.use_flash_attn)
+    log0(notice)
 
     family, margs, bounds = resolve_partition(cfg)
     topo = eng.ds_compat.topology(cfg.pipe, cfg.data)
@@ -80,7 +81,7 @@ def setup(cfg: Config) -> Run:
         scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     engine, _, _ = eng.build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds, cfg.run.seed,
                                     cfg.run.use_grad_ckpt, None if cfg.run.from_scratch else cfg.run.model_path,
-                                    cfg.run.no_decay, scheduler, cfg.run.lora)
+                                    cfg.run.no_decay, scheduler, cfg.run.lora, attention)
     if cfg.run.lora is not None:
         n_train = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in engine.module.parameters())

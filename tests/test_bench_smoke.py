@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
+
 
 def run_bench(args: list[str], timeout: int) -> dict[str, float]:
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",

@@ -149,3 +149,13 @@ def test_tensorboard_switch_is_ppllms_and_a_mapping_is_deepspeeds(raw):
     monitor = {"enabled": True, "output_path": "tb", "job_name": "run"}
     cfg = validate(dict(raw, tensorboard=monitor), "x.yml", world_size=2)
     assert cfg.ds["tensorboard"] == monitor and cfg.run.tensorboard is False
+
+
+def test_readme_config_table_is_generated_from_the_schema():
+    from ppllm.config import describe_config
+    readme = open(os.path.join(REPO, "README.md")).read()
+    start = readme.index("<!-- config-table")
+    body = readme[readme.index("\n", start) + 1: readme.index("<!-- /config-table -->")].strip()
+    assert body == describe_config(), "README's config table is stale: paste `python train_pp.py --help-config`"
+    p = run([PY, "train_pp.py", "--help-config"])
+    assert p.stdout.strip() == describe_config()

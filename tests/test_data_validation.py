@@ -121,8 +121,8 @@ def test_array_streams_through_small_windows(tmp_path):
 def test_dry_run_cli_mixed_ok_and_bad_file_lists_every_line(tmp_path, capsys):
     """--dry-run: a file of all five types counts each; one problem per line exits non-zero."""
     from ppllm import convert as cm
-    import train_pp
     from ppllm.tiny import make_llama
+    from ppllm.train import main
     tok = _bpe(["<unk>", "<s>", "</s>", "<pad>"], eos="</s>", pad="<pad>")
     tok.hf.save_pretrained(str(tmp_path / "tok"))
     make_llama(str(tmp_path / "hf"), 300, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
@@ -136,12 +136,12 @@ def test_dry_run_cli_mixed_ok_and_bad_file_lists_every_line(tmp_path, capsys):
            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
     path = tmp_path / "c.yml"
     path.write_text(json.dumps(cfg))
-    assert train_pp.main(["--config", str(path), "--dry-run", "--show-samples", "2"]) == 0
+    assert main(str(path), [], dry=True, show_samples=2) == 0
     out = capsys.readouterr().out
     for kind in ("pretrain=1", "instruct=2", "conversation=1", "conver_has_api=1", "ref_qa=1", "packing efficiency",
                  "== sample 2:", "«"):
         assert kind in out, kind
-    assert train_pp.main(["--config", str(path), "--dry-run", "--set", f"data_path={bad}"]) != 0
+    assert main(str(path), [f"data_path={bad}"], dry=True) != 0
     out = capsys.readouterr().out
     for line in range(1, 7):
         assert f"{bad}:{line}: " in out

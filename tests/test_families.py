@@ -69,8 +69,9 @@ def assert_parity(ref, fam, args, model, S=24, what=""):
     with torch.no_grad():
         r = ref(ids, labels=ids)
         out = model((ids, pos, doc))
-    assert (out - r.logits).abs().max() < 1e-5, what
-    assert abs(fam.loss_fn(args)(out, shifted(ids)).item() - r.loss.item()) < 1e-5, what
+    torch.testing.assert_close(out, r.logits, rtol=0, atol=1e-5, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(fam.loss_fn(args)(out, shifted(ids)).item(), r.loss.item(), rtol=0, atol=1e-5,
+                               msg=lambda m: f"{what}: {m}")
     return ids, r
 
 
@@ -82,7 +83,8 @@ def packed_matches_alone(model, ref_fn):
     with torch.no_grad():
         out = model((torch.cat([a, b], 1), pos, doc))
         ra, rb = ref_fn(a), ref_fn(b)
-    assert (out[:, :9] - ra).abs().max() < 1e-5 and (out[:, 9:] - rb).abs().max() < 1e-5
+    torch.testing.assert_close(out[:, :9], ra, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, 9:], rb, rtol=0, atol=1e-5)
 
 
 def assert_same_files(src_state: dict, folder, index_name: str):
@@ -156,7 +158,7 @@ def test_baichuan2_z_loss(tmp_path):
         out = model((ids, pos, doc))
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     z = (logits[:, :-1].max(-1).values ** 2).mean()
-    assert abs(fam.loss_fn(args)(out, shifted(ids)).item() - (ce + 0.5 * z).item()) < 1e-5
+    torch.testing.assert_close(fam.loss_fn(args)(out, shifted(ids)).item(), (ce + 0.5 * z).item(), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- chatglm3

@@ -20,6 +20,8 @@ from ppllm.tiny import sample_texts, train_sentencepiece
 from tests.helpers import PY, REPO, launch, read_metrics, run
 from tests.test_families import baichuan_checkpoint, chatglm_checkpoint
 
+pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
+
 V = 400  # a 384-piece SentencePiece model plus chatglm3's 9 special tokens
 TEXTS = ["The lighthouse keeper counted the ships every evening.",
          "Maria planted tomatoes, beans and basil behind the kitchen.",
@@ -143,5 +145,5 @@ def test_family_trains_at_pipe2_and_exports(tmp_path, family):
     run([PY, "convert_model.py", "pp_to_hg", "--input-path", str(tmp_path / "run"), "--save-path",
          str(tmp_path / "out"), "--quiet"])
     ref = make_reference(tmp_path / "out")
-    assert abs(reference_loss(ref, path) - m[-1]["eval_loss"]) < 1e-4
+    torch.testing.assert_close(reference_loss(ref, path), m[-1]["eval_loss"], rtol=0, atol=1e-4)
     assert abs(m[-1]["eval_loss"] - m[-1]["loss"]) < 0.05 + 0.5 * m[-1]["loss"]

@@ -16,6 +16,8 @@ from ppllm.watchdog import EXIT_CODE
 from tests.fault_helpers import start_ranks, write_run_config
 from tests.helpers import tiny_pipeline_model
 
+pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
+
 TEXTS = [f"Sentence number {i} is about a {w} that sat on the {v} all afternoon."
          for i, (w, v) in enumerate([("cat", "mat"), ("dog", "porch"), ("bird", "fence"), ("fox", "hill"),
                                      ("owl", "branch"), ("cow", "meadow"), ("bee", "flower"), ("ant", "leaf")])]

@@ -55,11 +55,11 @@ def test_logits_and_loss_match_transformers(tmp_path, case):
     with torch.no_grad():
         ref = hf(ids, labels=ids)
         out = ours((ids, pos, doc))
-    assert (out - ref.logits).abs().max().item() < 1e-5
+    torch.testing.assert_close(out, ref.logits, rtol=0, atol=1e-5)
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     loss_fn = fam.loss_fn(args)
-    assert abs(loss_fn(out, labels).item() - ref.loss.item()) < 1e-5
+    torch.testing.assert_close(loss_fn(out, labels).item(), ref.loss.item(), rtol=0, atol=1e-5)
 
 
 def test_packed_row_equals_documents_alone(tmp_path):
@@ -72,8 +72,8 @@ def test_packed_row_equals_documents_alone(tmp_path):
     with torch.no_grad():
         out = ours((packed, pos, doc))
         ra, rb = hf(a).logits, hf(b).logits
-    assert (out[:, :13] - ra).abs().max() < 1e-5
-    assert (out[:, 13:] - rb).abs().max() < 1e-5
+    torch.testing.assert_close(out[:, :13], ra, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, 13:], rb, rtol=0, atol=1e-5)
 
 
 def test_gradients_match_transformers(tmp_path):
@@ -85,5 +85,5 @@ def test_gradients_match_transformers(tmp_path):
     F.cross_entropy(ours((ids, pos, doc))[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     g_ref = hf.model.layers[1].mlp.down_proj.weight.grad
     g_ours = ours.layers[2].mlp.down_proj.weight.grad
-    assert (g_ref - g_ours).abs().max() < 1e-6
-    assert (hf.model.embed_tokens.weight.grad - ours.layers[0].weight.grad).abs().max() < 1e-6
+    torch.testing.assert_close(g_ref, g_ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hf.model.embed_tokens.weight.grad, ours.layers[0].weight.grad, rtol=0, atol=1e-6)

@@ -40,6 +40,7 @@ def test_merge_math():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.multiprocess
 def test_pipe2_lora_train_export_peft_and_resume(tmp_path):
     from peft import PeftModel
     pp, data = tiny_pipeline_model(tmp_path, TEXTS)

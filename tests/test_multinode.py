@@ -21,6 +21,8 @@ from tests.fault_helpers import Streamed, kill_leftovers, rank_pid, run_processe
 from tests.helpers import DEEPSPEED, PY, REPO, run, tiny_pipeline_model
 from tests.loopback_cluster import HOSTS, LoopbackCluster, Unavailable, free_port_on
 
+pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
+
 TEXTS = ["The lighthouse keeper counted the ships every evening.",
          "Maria planted tomatoes, beans and basil behind the kitchen.",
          "The train to the coast leaves at nine and arrives before noon.",

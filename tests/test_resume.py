@@ -9,6 +9,8 @@ import yaml
 
 from tests.helpers import DEEPSPEED, REPO, free_port, launch, read_metrics, tiny_pipeline_model
 
+pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
+
 TEXTS = [f"Sample {i}: the river ran fast beneath the middle arch of the old bridge." for i in range(24)]
 STEPS = 10
 
