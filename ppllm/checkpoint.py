@@ -60,6 +60,10 @@ def save(engine, save_path: str, step: int, client_state: dict, side_files_from:
                            exclude_frozen_parameters=lora is not None)
     os.makedirs(tmp_dir, exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp_dir, f"rng_rank{rank}.pt"))
+    if engine.grid.get_data_parallel_rank() == 0 and partition.get("precision") == "fp32" and not partition.get(
+            "zero_stage") and lora is None:
+        from ppllm.reshard import write_param_index
+        write_param_index(engine, tmp_dir)
     dist.barrier()
     if node_leader:
         _add_side_files(tmp_dir, side_files_from, partition, lora)
@@ -123,10 +127,15 @@ def resolve_resume(resume: str, save_path: str) -> tuple[str, str] | None:
     raise FileNotFoundError(f"resume: {resume!r} is neither 'auto', 'never' nor a checkpoint folder")
 
 
-def load(engine, directory: str, tag: str, strict: bool = True) -> dict:
+def load(engine, directory: str, tag: str, strict: bool = True, reshard: bool = False) -> dict:
     """Weights, optimizer, scheduler and client state; this rank's RNG state.
-    strict=False for adapter-only (LoRA) checkpoints on top of already loaded base weights."""
-    _, client = engine.load_checkpoint(directory, tag=tag, load_module_strict=strict)
+    strict=False for adapter-only (LoRA) checkpoints on top of already loaded base weights;
+    reshard=True for a checkpoint written under another topology (ppllm.reshard)."""
+    if reshard:
+        from ppllm.reshard import load_resharded
+        client = load_resharded(engine, os.path.join(directory, tag))
+    else:
+        _, client = engine.load_checkpoint(directory, tag=tag, load_module_strict=strict)
     rng = os.path.join(directory, tag, f"rng_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng):
         set_rng_state(torch.load(rng, weights_only=False))

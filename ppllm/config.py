@@ -13,9 +13,11 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import re
 from typing import Any, Literal
 
 import yaml
+from ppllm.ds_sections import check_sections
 from ppllm.lora import LoraConfig
 from ppllm.partition import parts_problems
 from ppllm.paths import layer_file
@@ -32,6 +34,21 @@ DEEPSPEED_KEYS = {
     "disable_allgather", "torch_autocast", "seq_parallel_communication_data_type", "graph_harvesting",
     "use_data_before_expert_parallelism", "load_universal_checkpoint", "elasticity",
 }
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML with floats as people write them: PyYAML (YAML 1.1) reads ``1e-4`` -- no dot -- as a string."""
+
+
+YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
 
 
 class Topology(BaseModel):
@@ -248,7 +265,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. --set max_steps=10")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), read_yaml(value)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -270,7 +287,7 @@ def load_config(path: str, overrides: list[str] | None = None, world_size: int |
         raise ConfigError(path, [f"config file not found: {path}"])
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = read_yaml(f.read()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(path, [f"not valid YAML: {e}"])
     if not isinstance(raw, dict):
@@ -325,6 +342,7 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
             run = None
 
     problems += _check_batch(ds, run)
+    problems += check_sections(ds, lr_schedule_given="lr_schedule" in raw)
     if run is not None:
         problems += _check_precision(ds, run)
     if run is not None:
@@ -334,6 +352,8 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
         if check_paths:
             problems += _check_paths(run)
         problems += _check_parts(run, check_paths)
+        if check_paths and run.lora is not None:
+            problems += _check_lora_targets(run)
         if run.max_seq_len % 8:
             pass  # allowed; a multiple of 8 is faster on GPUs
     if problems:
@@ -431,10 +451,32 @@ def _check_parts(run: RunConfig, check_paths: bool) -> list[str]:
     return parts_problems(parts, n, pipe)
 
 
-def _pipe_layers(run: RunConfig) -> int | None:
+def _family(run: RunConfig):
+    """(family, model args) of model_path, or None when it cannot be read (reported elsewhere)."""
     try:
         from models import load_family
-        fam, args = load_family(run.model_path)
-        return fam.num_pipe_layers(args)
+        return load_family(run.model_path)
     except Exception:
         return None
+
+
+def _pipe_layers(run: RunConfig) -> int | None:
+    found = _family(run)
+    return found[0].num_pipe_layers(found[1]) if found else None
+
+
+def _check_lora_targets(run: RunConfig) -> list[str]:
+    found = _family(run)
+    if found is None:
+        return []
+    from ppllm.lora import linear_names
+    family, margs = found
+    names = linear_names(family, margs)
+    problems = []
+    for target in run.lora.target_modules:
+        if target not in names:
+            guess = difflib.get_close_matches(target, sorted(names), n=1, cutoff=0.5)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
+            problems.append(f"lora.target_modules: {target!r} is not a linear layer of {family.name}; {hint}"
+                            f"its linear layers are {', '.join(sorted(names))}")
+    return problems

@@ -143,3 +143,16 @@ def measure_grad_norm_before_step(engine) -> None:
 
 def measured_grad_norm(engine) -> float | None:
     return getattr(engine, "ppllm_grad_norm", None)
+
+
+def client_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer DeepSpeed steps (plain fp32, no ZeRO: the one built from our groups)."""
+    return engine.optimizer
+
+
+def restore_counters(engine, state: dict) -> None:
+    """The step counters DeepSpeed keeps in its per-stage checkpoint file, for a resume that reads
+    that file itself (ppllm.reshard) instead of through engine.load_checkpoint."""
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = state.get("skipped_steps", 0)

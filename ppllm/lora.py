@@ -85,6 +85,14 @@ def read_meta(folder: str) -> dict | None:
         return json.load(f)
 
 
+def linear_names(family, margs) -> set[str]:
+    """The family's own names of its linear layers (what target_modules may name), from the meta model."""
+    from ppllm.pipeline import SequentialModel
+    with torch.device("meta"):
+        model = SequentialModel(family.build_specs(margs))
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
 def trainable_fraction(family, margs, cfg: LoraConfig) -> float:
     """Share of parameters that LoRA trains, from the meta-device model (no memory)."""
     from ppllm.pipeline import SequentialModel

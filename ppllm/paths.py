@@ -9,6 +9,8 @@ layout, so ``pp_to_hg`` reads either::
     ppllm.json                  what hg_to_pp converted (family, layer names, dtype)
     ppllm_partition.json        training only: stage bounds and the ranks of each stage
     ppllm_lora.json             adapter-only checkpoints: LoRA settings and the base folder
+    mp_rank_XX_model_states.pt  training only, DeepSpeed's per-stage optimizer/scheduler/counters
+    ppllm_params-stageXX.json   training only, that stage's optimizer parameters by name (resharding)
 
 A training ``save_path`` holds ``global_stepN/`` tag folders, ``latest`` naming the newest
 complete one, and ``metrics.jsonl``.
@@ -47,6 +49,16 @@ def layer_index(path: str) -> int:
     if m is None:
         raise ValueError(f"{path} is not a layer file name (layer_XX-model_states.pt)")
     return int(m.group(1))
+
+
+def ds_model_states_file(tag_dir: str, stage: int) -> str:
+    """DeepSpeed's per-stage file in a checkpoint tag: optimizer, scheduler, counters, client state."""
+    return os.path.join(tag_dir, f"mp_rank_{stage:02d}_model_states.pt")
+
+
+def param_index_file(tag_dir: str, stage: int) -> str:
+    """ppllm's list of a stage's optimizer parameters by name, in the optimizer's order."""
+    return os.path.join(tag_dir, f"ppllm_params-stage{stage:02d}.json")
 
 
 def tag_for(step: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -18,12 +19,12 @@ import torch
 
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
-from ppllm import watchdog
+from ppllm import reshard, watchdog
 from ppllm.config import Config, ConfigError, expand_data_paths, load_config
 from ppllm.feed import NoData, format_data_stats, load_data, make_loader
-from ppllm.log import log0
+from ppllm.log import is_rank0, log0
 from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
-from ppllm.paths import METRICS_FILE, tag_for
+from ppllm.paths import METRICS_FILE, step_of, tag_for
 from ppllm.planner import format_layout, memory_plan, resolve_partition
 
 
@@ -87,25 +88,41 @@ def setup(cfg: Config) -> Run:
         n_all = sum(p.numel() for p in engine.module.parameters())
         log0(f"lora: r={cfg.run.lora.r} alpha={cfg.run.lora.alpha} on {cfg.run.lora.target_modules}; "
              f"stage 0 trains {n_train} of {n_all} parameters")
-    partition = {"bounds": bounds, "stage_ranks": [topo.filter_match(pipe=s) for s in range(cfg.pipe)]}
-    start = resume(cfg, engine, loader, rank)
+    partition = run_record(cfg, bounds)
+    start = resume(cfg, engine, loader, rank, partition)
     return Run(cfg, engine, family, margs, bounds, partition, loader, eval_loader, total, start, rank, world,
                is_first)
 
 
-def resume(cfg: Config, engine, loader, rank: int) -> int:
-    """Load the checkpoint ``resume`` names (weights, optimizer, scheduler, data position, RNG);
-    returns the step to continue after (0 for a fresh run)."""
+def run_record(cfg: Config, bounds: list[int]) -> dict:
+    topo = eng.ds_compat.topology(cfg.pipe, cfg.data)
+    return reshard.run_record(cfg, bounds, [topo.filter_match(pipe=s) for s in range(cfg.pipe)])
+
+
+def check_resume(cfg: Config) -> str | None:
+    """Before launch: can the checkpoint ``resume`` names be continued under this config? A line to
+    print, or None for a fresh run; raises reshard.ResumeError with the reason and the way out."""
+    found = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
+    if found is None:
+        return None
+    _, _, bounds = resolve_partition(cfg)
+    return reshard.describe_plan(os.path.join(*found), run_record(cfg, bounds))
+
+
+def resume(cfg: Config, engine, loader, rank: int, record: dict) -> int:
+    """Load the checkpoint ``resume`` names (weights, optimizer, scheduler, data position, RNG), resharded
+    when it was written under another topology; returns the step to continue after (0 for a fresh run)."""
     os.makedirs(cfg.run.save_path, exist_ok=True)
     metrics_path = os.path.join(cfg.run.save_path, METRICS_FILE)
     start = 0
     found = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
     if found is not None:
-        client = ckpt.load(engine, *found, strict=cfg.run.lora is None)
+        how = reshard.plan(os.path.join(*found), record)
+        client = ckpt.load(engine, *found, strict=cfg.run.lora is None, reshard=how == "reshard")
         start = int(client.get("step", 0))
         if client.get("data"):
             loader.load_state_dict(client["data"])
-        log0(f"resumed from {os.path.join(*found)} at step {start}")
+        log0(f"resumed from {os.path.join(*found)} at step {start}" + (" (resharded)" if how == "reshard" else ""))
         if rank == 0:
             ckpt.truncate_metrics(metrics_path, start)
     elif rank == 0 and os.path.exists(metrics_path):  # keep an earlier run's curve rather than mixing them
@@ -184,10 +201,67 @@ def save(run: Run, step: int) -> None:
               cfg.run.lora)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT to every rank) or the launcher's SIGTERM that follows it."""
+
+
+def _on_signal(signum, frame):
+    # the first signal stops the loop; the launcher's SIGTERM right after Ctrl-C must not kill the
+    # rank before it has said where the run will resume. (A no-op handler, not SIG_IGN: a signal
+    # already pending when the handler changes to SIG_IGN surfaces as an OSError.)
+    signal.signal(signal.SIGINT, _swallow)
+    signal.signal(signal.SIGTERM, _swallow)
+    raise Interrupted()
+
+
+def _swallow(signum, frame):
+    pass
+
+
+def interrupted_message(save_path: str, step: int) -> str:
+    tag = ckpt.read_latest(save_path)
+    if tag is None:
+        return (f"interrupted at step {step}, before the first checkpoint: nothing to resume from, a new run starts "
+                f"at step 1 (save_interval saves more often)")
+    return (f"interrupted at step {step}: run the same command to resume from {os.path.join(save_path, tag)} "
+            f"(step {step_of(tag)})")
+
+
+def nothing_to_train(cfg: Config, start: int, total: int, steps_per_epoch: int) -> str:
+    limit = (f"max_steps {cfg.run.max_steps}" if cfg.run.max_steps == total
+             else f"{cfg.run.n_epoches} epoch(s) of {steps_per_epoch} steps")
+    return (f"nothing to train: {cfg.run.save_path} already holds step {start}, and this run ends at step {total} "
+            f"({limit}); raise max_steps or n_epoches to train further, or use resume: never or another "
+            f"save_path to start over")
+
+
 def train(cfg: Config, quiet: bool = False) -> None:
-    init_process_group(cfg)
-    dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
-    run = setup(cfg)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    step = 0
+    try:
+        init_process_group(cfg)
+        dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
+        run = setup(cfg)
+        step = run.start
+        if run.start >= run.total:
+            log0(nothing_to_train(cfg, run.start, run.total, run.loader.steps_per_epoch))
+            watchdog.stop(dog)
+            return
+        for step in loop(run, quiet):
+            pass
+        watchdog.stop(dog)
+    except Interrupted:
+        if is_rank0():
+            print(interrupted_message(cfg.run.save_path, step), flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # no teardown: peers are stopping too, and a collective now would only hang
+    log0(f"done: {run.total} steps; checkpoint in {cfg.run.save_path} (latest: {tag_for(run.total)})")
+
+
+def loop(run: Run, quiet: bool):
+    """Step -> log -> eval -> save; yields each step once trained (so the caller knows where it stopped)."""
+    cfg = run.cfg
     log = StepLog(run, quiet)
     every_eval, every_save = cfg.run.eval_interval, cfg.run.save_interval
     log0(f"training steps {run.start + 1}..{run.total} ({run.loader.steps_per_epoch} per epoch) on {run.world} "
@@ -196,6 +270,7 @@ def train(cfg: Config, quiet: bool = False) -> None:
         t0 = time.time()
         batches = run.loader.next_step()
         loss = eng.train_step(run.engine, batches)
+        yield step
         record = log.record(step, loss, batches, time.time() - t0)
         if run.eval_loader is not None and every_eval and (step % every_eval == 0 or step == run.total):
             eval_loss = evaluate(run.engine, run.eval_loader)
@@ -205,10 +280,7 @@ def train(cfg: Config, quiet: bool = False) -> None:
         if every_save and step % every_save == 0 and step != run.total:
             save(run, step)
     log.close()
-    if run.start < run.total or ckpt.read_latest(cfg.run.save_path) is None:
-        save(run, run.total)
-    watchdog.stop(dog)
-    log0(f"done: {run.total} steps; checkpoint in {cfg.run.save_path} (latest: {tag_for(run.total)})")
+    save(run, run.total)
 
 
 def dry_run(cfg: Config, show_samples: int = 0) -> int:
@@ -216,6 +288,15 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
     family, margs, bounds = resolve_partition(cfg)
     print(f"config {cfg.source}: OK")
     print(format_layout(cfg, family, margs, bounds))
+    try:
+        note = check_resume(cfg)
+    except reshard.ResumeError as e:
+        print(f"error: {e}")
+        return 2
+    if note:
+        print(note)
+    if eng.resolve_precision(cfg) == "fp16" and not torch.cuda.is_available():
+        print("note: precision fp16 needs a CUDA device; the launch refuses it on a machine without one")
     try:
         tok, rows, stats = load_data(cfg, margs.model_type)
     except (DataError, ValueError, FileNotFoundError) as e:  # bad samples, template/tokenizer mismatch
@@ -229,7 +310,12 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
     steps = stats.rows // per_step * cfg.run.n_epoches
     if cfg.run.max_steps:
         steps = min(steps, cfg.run.max_steps)
-    print(f"would train {steps} optimizer steps; launch with: deepspeed --num_gpus {cfg.world_size} "
+    found = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
+    start = (step_of(found[1]) or 0) if found else 0
+    if start >= steps and found:
+        print(nothing_to_train(cfg, start, steps, stats.rows // per_step))
+        return 0
+    print(f"would train {steps - start} optimizer steps ({start + 1}..{steps}); launch with: deepspeed --num_gpus {cfg.world_size} "
           f"train_pp.py --config {cfg.source}")
     return 0
 
@@ -258,5 +344,12 @@ def main(config: str, overrides: list[str], dry: bool = False, plan: bool = Fals
         log0("error: precision fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
              "use precision: bf16 or fp32 here")
         return 2
+    try:
+        note = check_resume(cfg)
+    except reshard.ResumeError as e:
+        log0(f"error: {e}")
+        return 2
+    if note:
+        log0(note)
     train(cfg, quiet=quiet)
     return 0

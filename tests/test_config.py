@@ -115,7 +115,8 @@ def test_all_problems_reported_at_once(raw):
 def test_overrides(raw, tmp_path):
     path = tmp_path / "c.yml"
     path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(str(path), ["max_steps=7", "model_topo.parts=[4,3]", "optimizer.params.lr=0.1"])
+    cfg = load_config(str(path), ["max_steps=7", "model_topo.parts=[4,3]", "optimizer.type=AdamW",
+                                  "optimizer.params.lr=0.1"])
     assert cfg.run.max_steps == 7 and cfg.run.model_topo.parts == [4, 3]
     assert cfg.ds["optimizer"]["params"]["lr"] == 0.1
 
