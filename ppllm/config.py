@@ -105,7 +105,9 @@ class RunConfig(BaseModel):
     #: pack several samples per row (attention never crosses documents); false pads each sample
     packing: bool = True
     #: prompt template: auto picks from the model config
-    template: Literal["auto", "plain", "llama2", "llama3", "chatglm3", "baichuan2"] = "auto"
+    template: Literal["auto", "plain", "llama2", "llama3", "chatglm3", "baichuan2", "chatml"] = "auto"
+    #: system text for every chat sample that has none of its own (a sample's `system` wins)
+    system_prompt: str | None = None
     #: what to do with a sample longer than max_seq_len
     overlong: Literal["truncate", "drop"] = "truncate"
     #: stop before training when any sample is malformed, listing every FILE:LINE; false skips bad samples
