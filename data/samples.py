@@ -183,7 +183,7 @@ def check(obj) -> tuple[str, object]:
                          for m in [difflib.get_close_matches(k, ["type", *FORMAT_FIELDS], n=1, cutoff=0.7)] if m), "")
         else:
             hint = did_you_mean(kind, SAMPLE_TYPES)
-        raise SampleError(reason, f"unknown or missing 'type' {kind!r}{hint}; {expected}")
+        raise SampleError(reason, f"unknown or missing 'type' {kind!r}; {expected}{hint}")
     _check_near_misses(obj, kind)
     if kind == "pretrain":
         return kind, _text(obj, "text")

@@ -325,7 +325,7 @@ class Llama2Template(Template):
         # token (transformers' LlamaTokenizer with legacy=False), where Meta's per-round encode has one
         if variant > 1:
             return None
-        bos = _lit(self._token(self.tok.bos_id) + (" " if variant else ""))
+        bos = _lit((self._token(self.tok.bos_id) if self.tok.bos_id is not None else "") + (" " if variant else ""))
         eos = _lit("".join(self._token(i) for i in self._eos()))
         return (self._jinja_system() + "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}"
                 "{%- if loop.first and system -%}"

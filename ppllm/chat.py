@@ -32,21 +32,27 @@ def write_chat_template(folder: str, model_type: str | None = None) -> dict | No
     rendering, tokenized the way users will (``apply_chat_template`` of the folder's HF tokenizer;
     for chatglm3/baichuan2, whose remote tokenizers do not load, split at special tokens and
     SentencePiece-encoded), equals ppllm's prompt ids on probe conversations. Returns
-    ``{"template", "exact"}``, or None when the folder has no tokenizer."""
+    ``{"template", "exact"}`` (plus ``error`` when nothing could be written), or None when the
+    folder has no tokenizer."""
     from data.templates import get_template, pick_chat_template, render_chat_template
     from data.tokenizer import load_tokenizer
     try:
         tok = load_tokenizer(folder, model_type)
-    except (OSError, ValueError):
+    except OSError:  # no tokenizer files in the folder: nothing to describe
         return None
-    template = get_template("auto", tok, model_type)
-    if tok.kind == "hf":
-        def encode_chat(jinja, messages):
-            return _hf_chat_ids(tok.hf, jinja, messages)
-    else:
-        def encode_chat(jinja, messages):
-            return tok.encode_with_specials(render_chat_template(jinja, messages))
-    jinja, exact = pick_chat_template(template, encode_chat)
+    except Exception as e:  # an unusable tokenizer must not cost the weights export
+        return {"template": None, "exact": False, "error": f"the tokenizer does not load ({e})"}
+    try:
+        template = get_template("auto", tok, model_type)
+        if tok.kind == "hf":
+            def encode_chat(jinja, messages):
+                return _hf_chat_ids(tok.hf, jinja, messages)
+        else:
+            def encode_chat(jinja, messages):
+                return tok.encode_with_specials(render_chat_template(jinja, messages))
+        jinja, exact = pick_chat_template(template, encode_chat)
+    except Exception as e:
+        return {"template": None, "exact": False, "error": f"{type(e).__name__}: {e}"}
     if jinja is None:
         return None
     path = os.path.join(folder, "tokenizer_config.json")

@@ -247,7 +247,9 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
     n = len(set(weight_map.values()))
     if not quiet:
         print(f"pp_to_hg: wrote {len(weight_map)} tensors in {n} shard(s) and {len(copied)} side files to {save_path}")
-    if chat and not chat["exact"]:
+    if chat and chat.get("error"):
+        print(f"pp_to_hg: warning: no chat_template written: {chat['error']}", file=sys.stderr)
+    elif chat and not chat["exact"]:
         print(f"pp_to_hg: warning: the {chat['template']} chat_template written to tokenizer_config.json, tokenized "
               f"by this tokenizer, does not reproduce ppllm's prompt ids; prompt with python -m ppllm.chat or "
               f"data.templates", file=sys.stderr)

@@ -81,6 +81,10 @@ def make(tmp, case):
         tok = _bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|endoftext|>")
         tok.hf.save_pretrained(str(tmp / case))
         return str(tmp / case), "qwen2", True
+    if case == "plain-synthetic":  # bloom: byte-level BPE, no chat format of its own
+        tok = _bpe(["<unk>", "<s>", "</s>", "<pad>"], eos="</s>", pad="<pad>")
+        tok.hf.save_pretrained(str(tmp / case))
+        return str(tmp / case), "bloom", True
     if case == "chatglm3-real":
         return _folder(tmp, case, {}, _real("chatglm3")), "chatglm", False
     if case == "chatglm3-synthetic":
@@ -94,8 +98,8 @@ def make(tmp, case):
     raise KeyError(case)
 
 
-CASES = ["llama2-synthetic", "llama2-real", "llama3-synthetic", "chatml-synthetic", "chatglm3-real",
-         "chatglm3-synthetic", "baichuan2-real", "baichuan2-synthetic"]
+CASES = ["llama2-synthetic", "llama2-real", "llama3-synthetic", "chatml-synthetic", "plain-synthetic",
+         "chatglm3-real", "chatglm3-synthetic", "baichuan2-real", "baichuan2-synthetic"]
 
 
 @pytest.mark.parametrize("case", CASES)

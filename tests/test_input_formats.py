@@ -13,8 +13,8 @@ from tests.helpers import REPO
 from tests.test_data_templates import _bpe, _sp_model
 from data.tokenizer import CHATGLM3_SPECIALS, SPTokenizer
 
-TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "find a word",
-                                           "parameters": {"type": "object", "properties": {"word": {"type": "string"}}}}}]
+WORD = {"type": "object", "properties": {"word": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "find a word", "parameters": WORD}}]
 CONV = {"type": "conversation", "system": "Be brief.",
         "rounds": [["ask", "Hi"], ["ans", "Hello!"], ["ask", "Bye"], ["ans", "See you."]]}
 OPENAI = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -31,7 +31,8 @@ API = {"type": "conver_has_api", "api_desc": json.dumps(TOOLS, ensure_ascii=Fals
 OPENAI_API = {"tools": TOOLS, "messages": [
     {"role": "user", "content": "Define quay"},
     {"role": "assistant", "content": "Look it up.",
-     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"word\": \"quay\"}"}}]},
+     "tool_calls": [{"id": "c1", "type": "function",
+                     "function": {"name": "lookup", "arguments": "{\"word\": \"quay\"}"}}]},
     {"role": "tool", "tool_call_id": "c1", "content": "a platform"},
     {"role": "assistant", "content": "A platform."}]}
 SHAREGPT_API = {"tools": json.dumps(TOOLS, ensure_ascii=False), "conversations": [
@@ -107,14 +108,17 @@ def _line(c):
 
 # (record, expected message fragment, reason with strict: false)
 BAD = [
-    ({"type": "instruction", "instruction": "x", "output": "y"}, "'type' 'instruction'; did you mean 'instruct'?",
+    ({"type": "instruction", "instruction": "x", "output": "y"},
+     "'type' 'instruction'; expected one of pretrain, instruct, conversation, conver_has_api, ref_qa, or a record"
+     " with 'messages' (OpenAI), 'conversations' (ShareGPT) or 'instruction' (Alpaca) and no 'type'; "
+     "did you mean 'instruct'?",
      "unknown type"),
     ({"type": "instruct", "instruction": "x", "output": "y"},
      "unknown field 'instruction' in a instruct sample; did you mean 'instruct'?", "unknown field"),
     ({"message": [{"role": "user", "content": "x"}]}, "the record has 'message': did you mean 'messages'?",
      "missing type"),
-    ({"conversation": [{"from": "human", "value": "x"}]}, "the record has 'conversation': did you mean 'conversations'?",
-     "missing type"),
+    ({"conversation": [{"from": "human", "value": "x"}]},
+     "the record has 'conversation': did you mean 'conversations'?", "missing type"),
     ({"type": "conversation", "messages": [{"role": "user", "content": "x"}]},
      "the record has 'messages': remove 'type' to read it as messages", "bad rounds"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assitant", "content": "y"}]},
