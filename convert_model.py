@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="pp_to_hg of a LoRA checkpoint: merged full weights (the default for adapter checkpoints)")
     p.add_argument("--lora-only", action="store_true",
                    help="pp_to_hg of a LoRA checkpoint: PEFT adapter_model.safetensors + adapter_config.json")
+    p.add_argument("--base-hf", default=None, metavar="PATH",
+                   help="--lora-only: the HF export of the base model that adapter_config.json names (written "
+                        "there when PATH does not exist; default SAVE_PATH/base)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -36,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if a.merge_lora and a.lora_only:
                 raise ValueError("--merge-lora and --lora-only exclude each other")
+            if a.base_hf and not a.lora_only:
+                raise ValueError("--base-hf goes with --lora-only")
             convert.pp_to_hg(a.input_path, a.save_path, a.tag, a.dtype, a.force, convert.parse_size(a.max_shard_size),
-                             a.quiet, lora_only=a.lora_only)
+                             a.quiet, lora_only=a.lora_only, base_hf=a.base_hf)
     except (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"convert_model.py {a.mode}: error: {e}", file=sys.stderr)
         return 2

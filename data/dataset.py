@@ -293,7 +293,7 @@ def _prepare_stream(path: str, template: Template, max_len: int, overlong: str, 
 def _cache_key(path: str, template: Template, max_len: int, overlong: str) -> str:
     st = os.stat(path)
     parts = [CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns,
-             getattr(template.tok, "fingerprint", type(template.tok).__name__), template.name, max_len, overlong]
+             getattr(template.tok, "fingerprint", type(template.tok).__name__), template.cache_tag(), max_len, overlong]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 

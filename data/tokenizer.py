@@ -74,6 +74,13 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    def id_to_token(self, tid: int) -> str:
+        return self.hf.convert_ids_to_tokens(int(tid))
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """A rendered string (special tokens written as text) -> ids, as ``apply_chat_template`` does."""
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
     def token_to_id(self, token: str) -> int | None:
         tid = self.hf.convert_tokens_to_ids(token)
         if tid is None or (tid == self.hf.unk_token_id and token != self.hf.unk_token):
@@ -94,6 +101,7 @@ class SPTokenizer:
         self.specials = {name: n + i for i, name in enumerate(specials)}
         self._special_names = {i: name for name, i in self.specials.items()}
         self.vocab_size = n + len(specials)
+        self._split_re = None
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         pad = self.sp.pad_id()
@@ -123,6 +131,29 @@ class SPTokenizer:
         if run:
             out.append(self.sp.decode(run))
         return "".join(out)
+
+    def id_to_token(self, tid: int) -> str:
+        return self._special_names.get(int(tid)) or self.sp.id_to_piece(int(tid))
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """A rendered string (special tokens written as text) -> ids: split at the appended special
+        tokens and at the model's control pieces (``<s>``, ``</s>``), and each text piece
+        SentencePiece-encoded on its own, as the original remote tokenizers of chatglm3 and
+        baichuan2 do (SentencePiece itself matches user-defined pieces such as baichuan2's
+        ``<reserved_106>``)."""
+        import re
+        if self._split_re is None:
+            names = list(self.specials) + [self.sp.id_to_piece(i) for i in range(self.n_pieces)
+                                           if self.sp.is_control(i)]
+            names = sorted({n for n in names if n}, key=len, reverse=True)
+            self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")")
+        ids: list[int] = []
+        for i, piece in enumerate(self._split_re.split(text)):
+            if i % 2:
+                ids.append(self.token_to_id(piece))
+            elif piece:
+                ids.extend(self.sp.encode(piece))
+        return ids
 
     def token_to_id(self, token: str) -> int | None:
         if token in self.specials:

@@ -127,8 +127,11 @@ class RunConfig(BaseModel):
     packing: bool = True
     """several samples share a row: best fit, positions restart per document, attention never crosses documents,
     and no label spans two documents. `false` puts one sample per row with padding"""
-    template: Literal["auto", "plain", "llama2", "llama3", "chatglm3", "baichuan2"] = "auto"
-    """`plain`, `llama2`, `llama3`, `chatglm3`, `baichuan2`; `auto` picks from the model config (see Data)"""
+    template: Literal["auto", "plain", "llama2", "llama3", "chatglm3", "baichuan2", "chatml"] = "auto"
+    """`plain`, `llama2`, `llama3`, `chatglm3`, `baichuan2`, `chatml`; `auto` picks from the model config (see
+    Data)"""
+    system_prompt: str | None = None
+    """system text for every chat sample that has none of its own (a sample's `system` wins)"""
     overlong: Literal["truncate", "drop"] = "truncate"
     """`truncate` cuts at the last turn boundary that fits (after an answer), or hard at `max_seq_len` when no turn
     fits; `drop` drops the sample. Both are counted"""

@@ -219,15 +219,16 @@ def _write_safetensors(path: str, entries: list, tensor, bar=None) -> None:
 
 def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str | None = None,
              force: bool = False, max_shard_bytes: int = 2 * 10 ** 9, quiet: bool = False,
-             lora_only: bool = False) -> dict:
+             lora_only: bool = False, base_hf: str | None = None) -> dict:
     """HF checkpoint from a pipeline folder or training save_path. An adapter (LoRA) checkpoint is
-    merged into its base weights, or with lora_only written as a PEFT adapter."""
+    merged into its base weights, or with lora_only written as a PEFT adapter whose base is the HF
+    export ``base_hf`` (written there when it does not exist yet; default ``save_path/base``)."""
     layers_dir, config_dir = resolve_pipeline_dir(input_path, tag)
     adapter = lora_mod.read_meta(layers_dir)
     if lora_only:
         if adapter is None:
             raise ConversionError(f"{layers_dir} holds no LoRA adapters (no {LORA_META_FILE})")
-        return export_peft(layers_dir, config_dir, save_path, adapter, force)
+        return export_peft(layers_dir, config_dir, save_path, adapter, force, base_hf, quiet)
     cfg = read_config(config_dir)
     family = get_family(cfg["model_type"])
     args = family.parse_config(cfg)
@@ -241,9 +242,17 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
         copied = copy_side_files(config_dir, tmp)
         if layers_dir != config_dir:
             copied += copy_side_files(layers_dir, tmp)
+        from ppllm.chat import write_chat_template
+        chat = write_chat_template(tmp, cfg["model_type"])
     n = len(set(weight_map.values()))
     if not quiet:
         print(f"pp_to_hg: wrote {len(weight_map)} tensors in {n} shard(s) and {len(copied)} side files to {save_path}")
+    if chat and chat.get("error"):
+        print(f"pp_to_hg: warning: no chat_template written: {chat['error']}", file=sys.stderr)
+    elif chat and not chat["exact"]:
+        print(f"pp_to_hg: warning: the {chat['template']} chat_template written to tokenizer_config.json, tokenized "
+              f"by this tokenizer, does not reproduce ppllm's prompt ids; prompt with python -m ppllm.chat or "
+              f"data.templates", file=sys.stderr)
     return {"tensors": len(weight_map), "shards": n}
 
 
@@ -373,12 +382,22 @@ def _stage_hint(layers_dir: str, missing: list[str]) -> str:
             f"{layers_dir} from that node:\n" + "\n".join(lines))
 
 
-def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, force: bool) -> dict:
-    """adapter_model.safetensors + adapter_config.json in PEFT's layout, keyed by HF module names."""
+def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, force: bool,
+                base_hf: str | None = None, quiet: bool = True) -> dict:
+    """adapter_model.safetensors + adapter_config.json in PEFT's layout, keyed by HF module names;
+    ``base_model_name_or_path`` is the absolute path of an HF export of the base (pipeline folders
+    do not load in transformers): ``base_hf`` when it holds one (checked against the adapter's
+    config), else the base is exported there (default ``save_path/base``)."""
     from safetensors.torch import save_file
     cfg = read_config(config_dir)
     family = get_family(cfg["model_type"])
     margs = family.parse_config(cfg)
+    if base_hf and os.path.isfile(os.path.join(base_hf, "config.json")):
+        base_cfg = read_config(base_hf)
+        if (base_cfg.get("model_type") != cfg["model_type"]
+                or family.expected_shapes(family.parse_config(base_cfg)) != family.expected_shapes(margs)):
+            raise ConversionError(f"--base-hf {base_hf}: its config.json is not the adapter's base model "
+                                  f"({meta['base_model_path']}); give the pp_to_hg export of that folder")
     keymap = family.key_map(margs)
     tensors: dict[str, torch.Tensor] = {}
     modules: set[str] = set()
@@ -397,12 +416,18 @@ def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, fo
     if not tensors:
         raise ConversionError(f"{layers_dir}: no adapter tensors found")
     lora = meta["lora"]
+    write_base = not (base_hf and os.path.isfile(os.path.join(base_hf, "config.json")))
+    base_final = os.path.abspath(base_hf or os.path.join(save_path, "base"))
     with staged_output(save_path, force) as tmp:
+        if write_base:  # inside the staged folder when it goes under save_path, so both appear together
+            inside = os.path.commonpath([base_final, os.path.abspath(save_path)]) == os.path.abspath(save_path)
+            where = os.path.join(tmp, os.path.relpath(base_final, os.path.abspath(save_path))) if inside else base_final
+            pp_to_hg(meta["base_model_path"], where, quiet=quiet)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["r"], "lora_alpha": lora["alpha"],
                        "lora_dropout": lora["dropout"], "target_modules": sorted(modules), "bias": "none",
-                       "fan_in_fan_out": False, "base_model_name_or_path": meta["base_model_path"],
+                       "fan_in_fan_out": False, "base_model_name_or_path": base_final,
                        "inference_mode": True}, f, indent=2)
     return {"tensors": len(tensors), "shards": 1}
 

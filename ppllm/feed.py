@@ -16,7 +16,7 @@ def load_data(cfg, model_type: str, files: list[str] | None = None):
     from data.templates import get_template
     from data.tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.tokenizer_path, model_type)
-    template = get_template(cfg.run.template, tok, model_type)
+    template = get_template(cfg.run.template, tok, model_type, system_prompt=cfg.run.system_prompt)
     training = files is None or files == cfg.data_files()
     files = cfg.data_files() if files is None else files
     weights = source_weights(cfg.run.data_path, cfg.run.data_weights) if training else None

@@ -70,8 +70,9 @@ def test_bloom_parity_roundtrip_and_packing(tmp_path, heads):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
     again = BloomForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert torch.equal(again.lm_head.weight, again.transformer.word_embeddings.weight)
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, r.logits)
+    with torch.no_grad():  # the tensors are bit-identical (above); two model objects' logits were seen to
+        # differ in the last bit once under heavy CPU load, so compare those with a tolerance
+        torch.testing.assert_close(again(ids).logits, r.logits, rtol=0, atol=1e-6)
 
 
 def test_bloom_without_transformer_prefix(tmp_path):

@@ -157,6 +157,6 @@ def test_readme_config_table_is_generated_from_the_schema():
     readme = open(os.path.join(REPO, "README.md")).read()
     start = readme.index("<!-- config-table")
     body = readme[readme.index("\n", start) + 1: readme.index("<!-- /config-table -->")].strip()
-    assert body == describe_config(), "README's config table is stale: paste `python train_pp.py --help-config`"
+    assert body == describe_config(), "README's config table is stale: run `python scripts/config_table.py`"
     p = run([PY, "train_pp.py", "--help-config"])
     assert p.stdout.strip() == describe_config()

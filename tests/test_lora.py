@@ -103,7 +103,30 @@ def test_pipe2_lora_train_export_peft_and_resume(tmp_path):
                                         tmp_path / "adapter").eval()
     ids = torch.randint(3, 300, (2, 20))
     with torch.no_grad():
-        assert (model_m(ids).logits - model_p(ids).logits).abs().max() < 1e-5
+        logits_m = model_m(ids).logits
+        assert (logits_m - model_p(ids).logits).abs().max() < 1e-5
+
+    # the adapter names a base transformers can load: the HF export written beside it by default ...
+    from peft import AutoPeftModelForCausalLM
+    assert cfg_a["base_model_name_or_path"] == str((tmp_path / "adapter" / "base").resolve())
+    with torch.no_grad():
+        model_a = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+        torch.testing.assert_close(model_a(ids).logits, logits_m, atol=1e-5, rtol=1e-5)
+    # ... or the one named with --base-hf (not written again)
+    run([PY, "convert_model.py", "pp_to_hg", "--input-path", str(tmp_path / "run"), "--save-path",
+         str(tmp_path / "adapter2"), "--lora-only", "--base-hf", str(tmp_path / "base")])
+    cfg_b = json.loads((tmp_path / "adapter2" / "adapter_config.json").read_text())
+    assert cfg_b["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert not (tmp_path / "adapter2" / "base").exists()
+    with torch.no_grad():
+        model_b = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter2").eval()
+        torch.testing.assert_close(model_b(ids).logits, logits_m, atol=1e-5, rtol=1e-5)
+    # a --base-hf of another model is refused, naming the base it should be
+    from ppllm.tiny import make_llama
+    make_llama(str(tmp_path / "other"), 300, num_hidden_layers=3)
+    p = run([PY, "convert_model.py", "pp_to_hg", "--input-path", str(tmp_path / "run"), "--save-path",
+             str(tmp_path / "adapter3"), "--lora-only", "--base-hf", str(tmp_path / "other")], check=False)
+    assert p.returncode == 2 and "is not the adapter's base model" in p.stderr and str(pp) in p.stderr
 
     # resume: continue the adapter run to step 16
     p = launch(["train_pp.py", "--config", str(path), "--set", "max_steps=16"], 2)
