@@ -19,8 +19,9 @@ import torch
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
 from ppllm import watchdog
-from ppllm.config import Config, ConfigError, expand_data_paths, load_config
-from ppllm.feed import NoData, format_data_stats, load_data, make_loader
+from ppllm.config import Config, ConfigError, load_config
+from ppllm.errors import UserError
+from ppllm.feed import format_data_stats, format_steps, load_data, load_eval, make_loaders
 from ppllm.log import log0
 from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
 from ppllm.paths import METRICS_FILE, tag_for
@@ -64,14 +65,7 @@ def setup(cfg: Config) -> Run:
     coord = topo.get_coord(rank)
     is_first, is_last = coord.pipe == 0, coord.pipe == cfg.pipe - 1
     reads_data = is_first or is_last
-    loader = make_loader(cfg, cfg.data_files(), margs.model_type, reads_data, coord.data, cfg.data, rank == 0)
-    eval_loader = None
-    if cfg.run.eval_data_path:
-        eval_loader = make_loader(cfg, expand_data_paths(cfg.run.eval_data_path), margs.model_type, reads_data,
-                                  coord.data, cfg.data, False)
-    total = loader.steps_per_epoch * cfg.run.n_epoches
-    if cfg.run.max_steps:
-        total = min(total, cfg.run.max_steps)
+    loader, eval_loader, total = make_loaders(cfg, margs.model_type, reads_data, coord.data, cfg.data, rank == 0)
 
     ds = eng.ds_config(cfg)
     scheduler = None
@@ -114,11 +108,10 @@ def resume(cfg: Config, engine, loader, rank: int) -> int:
 
 
 def evaluate(engine, loader) -> float:
-    """Token-weighted loss over the whole eval set, across micro-batches and replicas."""
-    loader.load_state_dict({"epoch": 0, "step_in_epoch": 0})
+    """Token-weighted loss over the whole eval set (every row once), across micro-batches and replicas."""
     acc = torch.zeros(2, dtype=torch.float64)
-    for _ in range(loader.steps_per_epoch):
-        loss_sum, n = eng.eval_step(engine, loader.next_step())
+    for batches in loader.one_pass():
+        loss_sum, n = eng.eval_step(engine, batches)
         if engine.is_first_stage():
             acc += torch.tensor([loss_sum, n], dtype=torch.float64)
     torch.distributed.all_reduce(acc)
@@ -186,7 +179,11 @@ def save(run: Run, step: int) -> None:
 def train(cfg: Config, quiet: bool = False) -> None:
     init_process_group(cfg)
     dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
-    run = setup(cfg)
+    try:
+        run = setup(cfg)
+    except UserError:  # every rank agreed on it (ppllm.errors.agree): stop cleanly, main prints it
+        watchdog.stop(dog)
+        raise
     log = StepLog(run, quiet)
     every_eval, every_save = cfg.run.eval_interval, cfg.run.save_interval
     log0(f"training steps {run.start + 1}..{run.total} ({run.loader.steps_per_epoch} per epoch) on {run.world} "
@@ -211,25 +208,25 @@ def train(cfg: Config, quiet: bool = False) -> None:
 
 
 def dry_run(cfg: Config, show_samples: int = 0) -> int:
-    from data.dataset import DataError
+    """The launch's twin for data: the same loading, checks and messages, then the counts.
+    It also writes the data cache, so a corpus can be prepared ahead of a run (login node)."""
     family, margs, bounds = resolve_partition(cfg)
     print(f"config {cfg.source}: OK")
     print(format_layout(cfg, family, margs, bounds))
     try:
         tok, rows, stats = load_data(cfg, margs.model_type)
-    except (DataError, ValueError, FileNotFoundError) as e:  # bad samples, template/tokenizer mismatch
+        eval_rows, eval_stats = load_eval(cfg, margs.model_type)
+    except UserError as e:
         print(f"error: {e}")
         return 2
     print(format_data_stats(stats))
+    if eval_stats is not None:
+        print(format_data_stats(eval_stats, "eval data"))
     if show_samples:
         from data.preview import show_samples as render_samples
         print(render_samples(rows, tok, show_samples, color=sys.stdout.isatty()))
-    per_step = cfg.micro_batch * cfg.grad_accum * cfg.data
-    steps = stats.rows // per_step * cfg.run.n_epoches
-    if cfg.run.max_steps:
-        steps = min(steps, cfg.run.max_steps)
-    print(f"would train {steps} optimizer steps; launch with: deepspeed --num_gpus {cfg.world_size} "
-          f"train_pp.py --config {cfg.source}")
+    print(format_steps(cfg, stats.rows, eval_stats.rows if eval_stats is not None else None))
+    print(f"launch with: deepspeed --num_gpus {cfg.world_size} train_pp.py --config {cfg.source}")
     return 0
 
 
@@ -257,5 +254,9 @@ def main(config: str, overrides: list[str], dry: bool = False, plan: bool = Fals
         log0("error: precision fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
              "use precision: bf16 or fp32 here")
         return 2
-    train(cfg, quiet=quiet)
+    try:
+        train(cfg, quiet=quiet)
+    except UserError as e:  # already agreed by every rank: one line, from rank 0, and a non-zero exit
+        log0(f"error: {e}")
+        return 2
     return 0
