@@ -1,16 +1,22 @@
-"""Sample files -> tokenized documents (cached) -> packed rows -> micro-batches.
+"""Sample files -> tokenized documents (cached) -> packed rows -> a continuous stream of steps.
 
-1. ``prepare_file`` streams one JSON array / JSON Lines file, validates every record,
-   renders it with the template, tokenizes in batches, truncates or drops overlong
-   documents, and writes the result beside the data in ``.ppllm-cache/``: flat int32
-   ``tokens``/``labels`` files plus per-document offsets.  The cache is keyed by the file's
-   path, size and mtime, the tokenizer's content hash, the template, ``max_seq_len`` and
-   ``overlong``; one process builds it (under a file lock), the others memory-map it.
+1. ``prepare_file`` streams one JSON array / JSON Lines file in chunks through a pool of
+   worker processes (every core; results are written in file order, a few chunks in flight,
+   so memory does not grow with the corpus). A worker validates each record, renders it with
+   the template and tokenizes it. A ``pretrain`` document longer than ``max_seq_len`` becomes
+   consecutive windows that together train every token once (``split_windows``); other
+   samples are truncated at a turn boundary or dropped (``overlong``). The result goes beside
+   the data in ``.ppllm-cache/``: flat int32 ``tokens``/``labels`` files plus per-document
+   offsets. The cache is keyed by the file's path, size and mtime, the tokenizer's content
+   hash, the template, ``max_seq_len`` and ``overlong``; one process builds it (under a file
+   lock), the others memory-map it.
 2. ``build_rows`` mixes the sources (optional weights), shuffles documents by seed and
    packs them best-fit into rows of ``max_seq_len`` (or one per row with ``packing: false``).
    Only the row plan (document indices) is held in memory.
-3. ``StepLoader`` hands each data-parallel rank its disjoint share of rows, reshuffled per
-   epoch, and assembles a row from the memory-mapped tokens only when it is needed.
+3. ``StepLoader`` turns the rows into an endless stream of epochs (one seeded permutation each)
+   and cuts it into optimizer steps, each data-parallel rank taking its disjoint share of every
+   step; a step that reaches the end of an epoch is completed from the next one, so no row is
+   dropped. ``one_pass`` walks every row once (evaluation), padding the last step.
 
 A row holds input_ids, labels (already shifted; -100 = not trained), position_ids
 (restarting per document) and doc_ids (attention never crosses a change; pads are -1).
@@ -36,7 +42,7 @@ import torch
 from ppllm.errors import UserError
 
 from .samples import SAMPLE_TYPES, SampleError, check, parts_for
-from .templates import Template, encode_parts
+from .templates import Target, Template, encode_parts
 
 CACHE_VERSION = 2
 CHUNK = 4096          # records rendered and tokenized per batch (at most)
@@ -269,13 +275,31 @@ def _parse(item):
         return RecordError("invalid JSON", f"invalid JSON ({e.msg} at column {e.colno})")
 
 
-def _chunk_work(path: str, chunk: list) -> dict:
-    """Validate, render, tokenize and fit one chunk of ``(line, raw line | object)`` records."""
+def _chunk_records(path: str, chunk):
+    """``(line, raw line | object)`` of a chunk: a byte range of a JSON Lines file (read here,
+    in the worker) or a list of records an array reader already parsed."""
+    if isinstance(chunk, list):
+        yield from chunk
+        return
+    start, end, line = chunk
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if start == 0 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for raw in data.split(b"\n"):
+        if raw.strip():
+            yield line, raw
+        line += 1
+
+
+def _chunk_work(path: str, chunk) -> dict:
+    """Validate, render, tokenize and fit one chunk of records."""
     template, max_len, overlong = _WORKER["template"], _WORKER["max_len"], _WORKER["overlong"]
     out = {k: 0 for k in _COUNTERS}
     out.update(samples={}, skipped={}, errors=[])
-    good = []
-    for line, item in chunk:
+    good, parts = [], []
+    for line, item in _chunk_records(path, chunk):
         out["records"] += 1
         obj = _parse(item)
         if isinstance(obj, RecordError):
@@ -283,7 +307,8 @@ def _chunk_work(path: str, chunk: list) -> dict:
         else:
             try:
                 kind, payload = check(obj)
-                good.append((line, kind, payload))
+                good.append((line, kind))
+                parts.append(parts_for(template, kind, payload))
                 continue
             except SampleError as e:
                 reason, message = e.reason, e.message
@@ -291,13 +316,17 @@ def _chunk_work(path: str, chunk: list) -> dict:
         out["n_errors"] += 1
         if len(out["errors"]) < MAX_LISTED:
             out["errors"].append(f"{path}:{line}: {message}")
-    encs = encode_parts(template.tok, [parts_for(template, k, p) for _, k, p in good])
+    encs = encode_parts(template.tok, parts)
     # array.fromlist converts each sample's ints in C: about 2x faster than one big list + np.asarray
-    ids_out, labels_out = array.array("i"), array.array("i")
+    ids_out = array.array("i")
     lens, kinds, lines, trained = array.array("q"), array.array("B"), array.array("i"), array.array("i")
+    # labels: most documents' labels are their own next tokens (pretraining text: every position
+    # trained but the last): those come from one shifted copy of the ids below; the others
+    # (and the last label of a cut document) are written over it
+    explicit: list[tuple[int, list[int]]] = []
     kind_index = {k: i for i, k in enumerate(SAMPLE_TYPES)}
     samples = out["samples"]
-    for (line, kind, _), enc in zip(good, encs):
+    for (line, kind), enc, doc_parts in zip(good, encs, parts):
         samples[kind] = samples.get(kind, 0) + 1
         ids, labels = enc.ids, enc.labels
         n_all = enc.trained if enc.trained is not None else len(labels) - labels.count(-100)
@@ -306,6 +335,8 @@ def _chunk_work(path: str, chunk: list) -> dict:
         if n_all == 0:
             out["untrained"] += 1
             continue
+        at0 = len(ids_out)
+        shifted = n_all == len(ids) - 1 and labels[-1] == -100 and not any(isinstance(p, Target) for p in doc_parts)
         if kind == "pretrain" and len(ids) > max_len:
             ends = split_windows(labels, max_len)
             out["windowed"] += 1
@@ -313,64 +344,90 @@ def _chunk_work(path: str, chunk: list) -> dict:
             at = 0
             for end in ends:
                 lens.append(end - at)
-                trained.append(end - at - labels[at:end].count(-100))
+                trained.append(end - at - (labels[at:end].count(-100) if not shifted else int(end == len(ids))))
                 at = end
+            if at < len(ids):  # the left-out EOS window: the last kept label points past the kept ids
+                explicit.append((at0 + at - 1, labels[at - 1:at]))
             ids, labels = ids[:at], labels[:at]
         else:
-            ids, labels, status = fit_length(ids, labels, enc.cuts, max_len, overlong)
+            cut_ids, cut_labels, status = fit_length(ids, labels, enc.cuts, max_len, overlong)
             if status == "dropped":
                 out["dropped"] += 1
                 continue
-            n_trained = n_all if status == "ok" else len(labels) - labels.count(-100)
+            n_trained = n_all if status == "ok" else len(cut_labels) - cut_labels.count(-100)
             if n_trained == 0:
                 out["untrained"] += 1
                 continue
             if status == "truncated":
                 out["truncated"] += 1
+                shifted = False
+            ids, labels = cut_ids, cut_labels
             lens.append(len(ids))
             trained.append(n_trained)
             ends = [len(ids)]
         kinds.extend([kind_index[kind]] * len(ends))
         lines.extend([line] * len(ends))
         ids_out.fromlist(ids)
-        labels_out.fromlist(labels)
-    out.update(ids=ids_out.tobytes(), labels=labels_out.tobytes(), lens=lens, kinds=kinds, lines=lines,
+        if shifted:
+            explicit.append((at0 + len(ids) - 1, labels[-1:]))
+        else:
+            explicit.append((at0, labels))
+    ids_np = np.frombuffer(ids_out, dtype=np.int32)
+    labels_np = np.empty_like(ids_np)
+    labels_np[:-1] = ids_np[1:]
+    for at, values in explicit:
+        labels_np[at:at + len(values)] = values
+    out.update(ids=ids_out.tobytes(), labels=labels_np.tobytes(), lens=lens, kinds=kinds, lines=lines,
                trained=trained)
     return out
 
 
-def _record_chunks(path: str, read_bytes=None, max_records: int = CHUNK, max_bytes: int = CHUNK_BYTES):
-    """Chunks of ``(line, item)``: JSON Lines as raw lines (parsed by the worker), arrays parsed here."""
+def _record_chunks(path: str, read_bytes=None, max_records: int | None = None, max_bytes: int | None = None):
+    """Chunks of a file: for JSON Lines, ``(start, end, first line)`` byte ranges that end at a line
+    end (the worker reads them itself); for a JSON array, lists of records parsed here."""
+    max_records = max_records or CHUNK
+    max_bytes = max_bytes or CHUNK_BYTES
     with open(path, "rb") as f:
         first = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-    chunk, size = [], 0
     if first == b"[":
-        items = ((line, obj, 0) for line, obj in iter_records(path, read_bytes))
-    else:
-        items = _raw_lines(path, read_bytes)
-    for line, item, n in items:
-        chunk.append((line, item))
-        size += n
-        if len(chunk) >= max_records or size >= max_bytes:
+        chunk = []
+        for line, obj in iter_records(path, read_bytes):
+            chunk.append((line, obj))
+            if len(chunk) >= max_records:
+                yield chunk
+                chunk = []
+        if chunk:
             yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _raw_lines(path: str, read_bytes):
+        return
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        start, line, buf, eof = 0, 1, b"", False
+        while True:
+            cut, k, pos = -1, 0, 0  # the last of at most max_records line ends in buf
+            while k < max_records:
+                nxt = buf.find(b"\n", pos)
+                if nxt < 0:
+                    break
+                cut, k, pos = nxt, k + 1, nxt + 1
+            if cut >= 0 and (k == max_records or len(buf) >= max_bytes or eof):
+                yield start, start + cut + 1, line
+                start, line, buf = start + cut + 1, line + k, buf[cut + 1:]
+                continue
+            if eof:
+                if buf.strip():
+                    yield start, start + len(buf), line
+                return
+            block = f.read(max_bytes)
+            eof = not block
+            buf += block
             if read_bytes:
-                read_bytes(len(raw))
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if raw.strip():
-                yield n, raw, len(raw)
+                read_bytes(len(block))
 
 
 def prepare_workers(path: str, workers: int | None) -> int:
-    """Processes that tokenize a file: every core of this machine for a big file, 1 for a small one."""
+    """Processes that tokenize a file: ``workers``, else ``$PPLLM_DATA_WORKERS``, else every core of
+    this machine for a file of POOL_MIN_BYTES or more and 1 (no pool) for a smaller one."""
+    if workers is None and os.environ.get("PPLLM_DATA_WORKERS"):
+        workers = int(os.environ["PPLLM_DATA_WORKERS"])
     if workers is not None:
         return max(1, workers)
     if os.path.getsize(path) < POOL_MIN_BYTES:

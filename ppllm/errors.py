@@ -26,7 +26,7 @@ class PeerError(UserError):
     """Raised on the ranks that did not fail themselves: another rank's problem, same message."""
 
 
-def _device():
+def collective_device():
     """Where the agreement tensor lives: NCCL only reduces CUDA tensors (this rank's GPU)."""
     import torch
     import torch.distributed as dist
@@ -57,7 +57,7 @@ def agree(block: Callable[[], T], group=None) -> T:
         result = block()
     except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
         failure = e
-    dev = _device()
+    dev = collective_device()
     first = torch.tensor([rank if failure is not None else world], dtype=torch.int64, device=dev)
     dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
     src = int(first.item())

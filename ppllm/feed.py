@@ -185,7 +185,7 @@ def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: in
 
     # every reader built the same rows from the same files; the others learn the counts
     mine = [loader.n, eval_loader.n if eval_loader is not None else 0] if has_data else [-1, -1]
-    dev = errors._device()
+    dev = errors.collective_device()
     hi = torch.tensor(mine, dtype=torch.int64, device=dev)
     lo = torch.tensor([x if x >= 0 else 2 ** 62 for x in mine], dtype=torch.int64, device=dev)
     torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)

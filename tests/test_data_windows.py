@@ -104,6 +104,7 @@ def _mixed_file(path, n, bad_every=0):
 def test_pool_prepares_the_same_bytes_as_one_process(tmp_path, tiny_tok, fmt, monkeypatch):
     from data import dataset
     monkeypatch.setattr(dataset, "CHUNK", 37)  # many small chunks, finishing out of order in the pool
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", 5000)
     path = _mixed_file(tmp_path / "m.jsonl", 400, bad_every=50 if fmt == "jsonl" else 0)
     if fmt == "array":
         recs = [json.loads(x) for x in open(path) if x.strip()]
@@ -292,3 +293,19 @@ def test_agree_every_rank_learns_the_lowest_failing_ranks_message(tmp_path):
     msg = "data.jsonl:3: field 'text' must be a non-empty string"
     assert [g["error"] for g in got] == [["PeerError", msg], ["DataError", msg], ["PeerError", msg]]
     assert got[2]["bug"] == "own" and got[0]["bug"] == got[1]["bug"] == "rank 2: ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize("max_records,max_bytes", [(1, 10), (3, 50), (4096, 64), (4096, 1 << 20)])
+def test_jsonl_chunks_cover_every_line_once_with_its_number(tmp_path, max_records, max_bytes):
+    from data import dataset
+    lines = [json.dumps({"type": "pretrain", "text": "x" * (i * 37 % 300 + 1)}) for i in range(40)]
+    lines[5] = ""  # a blank line keeps its number
+    lines[9] = json.dumps({"type": "pretrain", "text": "y" * 500})  # longer than a block
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # a BOM, no newline at the end
+    chunks = list(dataset._record_chunks(str(p), max_records=max_records, max_bytes=max_bytes))
+    assert chunks[0][0] == 0 and chunks[-1][1] == p.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    got = [(n, raw.decode()) for c in chunks for n, raw in dataset._chunk_records(str(p), c)]
+    assert got == [(i + 1, text) for i, text in enumerate(lines) if text]
+    assert all(len([1 for _ in dataset._chunk_records(str(p), c)]) <= max_records for c in chunks)

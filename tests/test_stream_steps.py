@@ -109,10 +109,20 @@ def test_data_error_at_launch_is_one_line_from_rank0_like_the_dry_run(model):
     message = [line for line in dry.stdout.splitlines() if line.startswith("error: ")]
     assert len(message) == 1 and "eval data (eval_data_path)" in message[0], dry.stdout
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train_pp.py", "--config", str(cfg)]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # a fresh training file, prepared at launch by a pool of 2 worker processes forked from rank 0
+    fresh = root / "fresh.jsonl"
+    fresh.write_text("\n".join(json.dumps({"type": "pretrain", "text": f"{t} ({i})"}) for i in range(60)
+                               for t in TEXTS))
+    cfg = config(root, pp, fresh, "bad", eval_data_path=str(bad), eval_interval=5)
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train_pp.py", "--config", str(cfg)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PPLLM_DATA_WORKERS="2")
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     out = p.stdout + p.stderr
     assert p.returncode != 0
+    assert f"data: preparing {fresh} " in out and "with 2 tokenizing process(es) on rank 0" in out, out
+    cache = [n for n in os.listdir(root / ".ppllm-cache") if n.startswith("fresh.jsonl.") and ".tmp" not in n]
+    meta = json.loads((root / ".ppllm-cache" / cache[0] / "meta.json").read_text())
+    assert meta["workers"] == 2 and meta["samples"] == {"pretrain": 300}
     lines = [line for line in out.splitlines() if re.search(r"\berror: ", line) and "eval data" in line]
     assert len(lines) == 1 and lines[0].split("error: ", 1)[1] == message[0].split("error: ", 1)[1], out
     assert f"{bad}:2: " in out and "Traceback" not in out and "[ppllm watchdog]" not in out, out
