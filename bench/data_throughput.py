@@ -9,7 +9,7 @@ Generates a mixed corpus (all five sample types, log-normal lengths), then measu
 
 The last line is ``RESULT data_vs_tokenizer=<ratio> packing_efficiency=<fraction>``.
 
-    python bench/data_throughput.py --pretrain [--mb 200] [--max-seq-len 2048] [--workers N]
+    python bench/data_throughput.py --pretrain [--mb 200] [--max-seq-len 2048] [--workers N] [--rounds 3]
 
 generates a web-like pretraining corpus (log-normal words per document, a long tail of documents
 longer than max_seq_len) of at least ``--mb`` MB and reports
@@ -20,7 +20,10 @@ longer than max_seq_len) of at least ``--mb`` MB and reports
     (SentencePiece's own threads, or the HF tokenizer's), in chunks of documents;
   * peak RSS of preparing + packing a quarter of the corpus and all of it, each in a fresh
     process (the main process and, separately, the largest pool worker).
-Last line: ``RESULT tokens_kept=<f> prepare_vs_tokenizer=<ratio> rss_mb_quarter=<a> rss_mb_full=<b>``.
+  * ``prepare_vs_tokenizer_cpu``: the same in CPU seconds (raw: the process and its threads;
+    prepare: the main process and its pool workers), which other load on the machine does not change.
+Last line: ``RESULT tokens_kept=<f> prepare_vs_tokenizer=<ratio> prepare_vs_tokenizer_cpu=<ratio>
+rss_mb_quarter=<a> rss_mb_full=<b> worker_rss_mb_quarter=<c> worker_rss_mb_full=<d>``.
 The real llama-2 tokenizer from ../shared/assets is used when present, else a small one is trained.
 """
 from __future__ import annotations
@@ -109,21 +112,30 @@ def make_pretrain_corpus(path: str, mb: float, seed: int) -> int:
     return n
 
 
-def _raw_count(tok, path: str, docs_per_chunk: int = 512) -> tuple[int, int, float]:
-    """(tokens of BOS + text + EOS, trainable targets, seconds encoding) with the raw tokenizer."""
+def _cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its waited-for children (pool workers)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _raw_count(tok, path: str, docs_per_chunk: int = 512) -> tuple[int, int, float, float]:
+    """(tokens of BOS + text + EOS, trainable targets, seconds encoding, CPU seconds encoding)
+    with the raw tokenizer."""
     tokens = targets = 0
-    spent = 0.0
+    spent = cpu = 0.0
     with open(path) as f:
         while True:
             texts = [json.loads(line)["text"] for _, line in zip(range(docs_per_chunk), f)]
             if not texts:
                 break
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             lens = [len(x) for x in tok.encode_batch(texts)]
             spent += time.perf_counter() - t0
+            cpu += _cpu_seconds() - c0
             tokens += sum(lens) + (2 if tok.adds_bos else 1) * len(lens)
             targets += sum(lens) + len(lens)
-    return tokens, targets, spent
+    return tokens, targets, spent, cpu
 
 
 def _rss_child(path: str, tok_dir: str, max_len: int, workers: int | None) -> None:
@@ -154,23 +166,26 @@ def pretrain_main(a) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"corpus: {n_docs} pretraining documents, {mb:.1f} MB (generated in {time.perf_counter() - t0:.0f}s); "
               f"tokenizer {tok_dir} ({type(tok).__name__}); max_seq_len {a.max_seq_len}; {cores} cores")
-        t_raw = t_prep = float("inf")
+        # best of --rounds, alternating; wall time (throughput) and CPU time (work per token, which
+        # other load on a shared machine does not change)
+        t_raw = t_prep = c_raw = c_prep = float("inf")
         for _ in range(a.rounds):
-            corpus_tokens, corpus_targets, spent = _raw_count(tok, path)
-            t_raw = min(t_raw, spent)
+            corpus_tokens, corpus_targets, spent, cpu = _raw_count(tok, path)
+            t_raw, c_raw = min(t_raw, spent), min(c_raw, cpu)
             shutil.rmtree(os.path.join(tmp, ".ppllm-cache"), ignore_errors=True)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             src = prepare_file(path, template, a.max_seq_len, workers=a.workers)
-            t_prep = min(t_prep, time.perf_counter() - t0)
+            t_prep, c_prep = min(t_prep, time.perf_counter() - t0), min(c_prep, _cpu_seconds() - c0)
         t0 = time.perf_counter()
         rows, stats = build_rows([path], template, a.max_seq_len, packing=True, seed=a.seed)
         t_pack = time.perf_counter() - t0
         m = src.meta
         kept = stats.trained_tokens / corpus_targets
         print(f"raw tokenizer: {corpus_tokens} tokens (BOS + text + EOS) in {t_raw:.2f}s = "
-              f"{corpus_tokens / t_raw:,.0f} tok/s")
+              f"{corpus_tokens / t_raw:,.0f} tok/s ({c_raw:.1f} CPU s)")
         print(f"prepare (cold, {m['workers']} worker processes, writes the cache): {m['encoded_tokens']} tokens in "
-              f"{t_prep:.2f}s = {m['encoded_tokens'] / t_prep:,.0f} tok/s; packing from the cache {t_pack:.2f}s")
+              f"{t_prep:.2f}s = {m['encoded_tokens'] / t_prep:,.0f} tok/s ({c_prep:.1f} CPU s); packing from the "
+              f"cache {t_pack:.2f}s")
         print(f"documents: {n_docs}, {stats.windowed} longer than max_seq_len split into {stats.windows} windows; "
               f"{stats.truncated} truncated, {stats.dropped} dropped")
         print(f"kept: {stats.trained_tokens} trained of {corpus_targets} trainable tokens ({kept:.6f}); "
@@ -193,7 +208,7 @@ def pretrain_main(a) -> None:
             print(f"peak RSS, {name} corpus ({os.path.getsize(p) / 1e6:.0f} MB): main {rss[name]['rss_mb']:.0f} MB, "
                   f"largest worker {rss[name]['worker_rss_mb']:.0f} MB")
     ratio = (m["encoded_tokens"] / t_prep) / (corpus_tokens / t_raw)
-    print(f"RESULT tokens_kept={kept:.6f} prepare_vs_tokenizer={ratio:.3f} "
+    print(f"RESULT tokens_kept={kept:.6f} prepare_vs_tokenizer={ratio:.3f} prepare_vs_tokenizer_cpu={c_raw / c_prep:.3f} "
           f"rss_mb_quarter={rss['quarter']['rss_mb']:.0f} rss_mb_full={rss['full']['rss_mb']:.0f} "
           f"worker_rss_mb_quarter={rss['quarter']['worker_rss_mb']:.0f} "
           f"worker_rss_mb_full={rss['full']['worker_rss_mb']:.0f}")
@@ -206,7 +221,7 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: shared llama-2, else a tiny one)")
     p.add_argument("--template", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=3, help="best of N for both sides, alternating")
+    p.add_argument("--rounds", type=int, default=None, help="best of N for both sides, alternating (default 3)")
     p.add_argument("--pretrain", action="store_true", help="the long-tailed pretraining corpus mode")
     p.add_argument("--mb", type=float, default=200.0, help="--pretrain: corpus size in MB")
     p.add_argument("--workers", type=int, default=None, help="--pretrain: tokenizing processes (default: all cores)")
@@ -215,9 +230,8 @@ def main() -> None:
     a = p.parse_args()
     if a.rss_child:
         return _rss_child(a.rss_child, a.tokenizer, a.max_seq_len, a.workers)
+    a.rounds = a.rounds or 3
     if a.pretrain:
-        if a.rounds == 3:
-            a.rounds = 1
         return pretrain_main(a)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -99,9 +99,11 @@ def format_data_stats(stats, label: str = "data") -> str:
 
 
 def format_steps(cfg, train_rows: int, eval_rows: int | None) -> str:
+    from data.dataset import total_steps
     total, eval_steps = count_steps(cfg, train_rows, eval_rows)
     per = rows_per_step(cfg)
-    capped = f", capped by max_steps {cfg.run.max_steps}" if cfg.run.max_steps and total == cfg.run.max_steps else ""
+    capped = f", capped by max_steps {cfg.run.max_steps}" if total < total_steps(train_rows, per, cfg.run.n_epoches) \
+        else ""
     text = (f"would train {total} optimizer steps: {cfg.run.n_epoches} pass(es) over {train_rows} rows at {per} rows per "
             f"step (micro batch {cfg.micro_batch} x gradient_accumulation_steps {cfg.grad_accum} x data "
             f"{cfg.data}){capped}")
@@ -148,15 +150,18 @@ def _node_preparer(cfg, rank: int) -> bool:
 
 def prepare_node(cfg, model_type: str) -> None:
     """Tokenize and cache every training and eval file (a cache hit when already prepared)."""
-    from data.dataset import load_sources
+    from data.dataset import DataError, load_sources
     from ppllm.config import expand_data_paths
 
-    def go():
+    def go(files):
         _, template = _tokenizer_template(cfg, model_type)
-        for files in (cfg.data_files(), expand_data_paths(cfg.run.eval_data_path or [])):
-            if files:
-                load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True)
-    _guard("data", go)
+        load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True)
+    _guard("data", lambda: go(cfg.data_files()))
+    if cfg.run.eval_data_path:
+        try:
+            _guard("data", lambda: go(expand_data_paths(cfg.run.eval_data_path)))
+        except DataError as e:  # the message load_eval gives (the dry run's)
+            raise DataError(f"eval data (eval_data_path): {e}") from e
 
 
 def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: int, announce: bool):
