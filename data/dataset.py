@@ -258,7 +258,28 @@ def _init_worker(template: Template, max_len: int, overlong: str) -> None:
     if hasattr(template.tok, "threads"):
         template.tok.threads = 1
     gc.disable()  # millions of small int lists make the cyclic GC rescan them over and over; none form cycles
-    _WORKER.update(template=template, max_len=max_len, overlong=overlong)
+    _WORKER.update(template=template, max_len=max_len, overlong=overlong,
+                   frame=pretrain_frame(template) if FAST_PRETRAIN else None)
+
+
+FAST_PRETRAIN = True  # tests turn it off to compare with the general encoder
+
+
+def pretrain_frame(template: Template) -> tuple[list[int], list[int]] | None:
+    """(prefix ids, suffix ids) when the template renders a pretraining text as literal untrained
+    prefix ids + the trained text + literal trained suffix ids (every template here: BOS / EOS
+    or their family's markers). Such a document's labels are its own ids shifted by one, so it
+    needs no label list: the worker writes its ids straight from the tokenizer's output."""
+    marker = "\x00ppllm-text\x00"
+    parts = template.pretrain_parts(marker)
+    at = [i for i, p in enumerate(parts) if isinstance(p, tuple) and p[0] == marker]
+    if len(at) != 1 or not parts[at[0]][1]:
+        return None
+    prefix, suffix = parts[:at[0]], parts[at[0] + 1:]
+    literal = all(isinstance(p, tuple) and isinstance(p[0], list) and p[0] for p in prefix + suffix)
+    if not literal or any(p[1] for p in prefix) or not all(p[1] for p in suffix) or not suffix:
+        return None
+    return [i for p in prefix for i in p[0]], [i for p in suffix for i in p[0]]
 
 
 def _parse(item):
@@ -298,7 +319,8 @@ def _chunk_work(path: str, chunk) -> dict:
     template, max_len, overlong = _WORKER["template"], _WORKER["max_len"], _WORKER["overlong"]
     out = {k: 0 for k in _COUNTERS}
     out.update(samples={}, skipped={}, errors=[])
-    good, parts = [], []
+    frame = _WORKER.get("frame")
+    good, parts, fast, texts = [], [], [], []
     for line, item in _chunk_records(path, chunk):
         out["records"] += 1
         obj = _parse(item)
@@ -308,7 +330,11 @@ def _chunk_work(path: str, chunk) -> dict:
             try:
                 kind, payload = check(obj)
                 good.append((line, kind))
-                parts.append(parts_for(template, kind, payload))
+                if frame is not None and kind == "pretrain":
+                    fast.append(len(good) - 1)
+                    texts.append(payload)
+                else:
+                    parts.append(parts_for(template, kind, payload))
                 continue
             except SampleError as e:
                 reason, message = e.reason, e.message
@@ -316,7 +342,9 @@ def _chunk_work(path: str, chunk) -> dict:
         out["n_errors"] += 1
         if len(out["errors"]) < MAX_LISTED:
             out["errors"].append(f"{path}:{line}: {message}")
-    encs = encode_parts(template.tok, parts)
+    encs = iter(encode_parts(template.tok, parts))
+    fast_toks = iter(template.tok.encode_batch(texts))
+    fast_at = set(fast)
     # array.fromlist converts each sample's ints in C: about 2x faster than one big list + np.asarray
     ids_out = array.array("i")
     lens, kinds, lines, trained = array.array("q"), array.array("B"), array.array("i"), array.array("i")
@@ -326,8 +354,15 @@ def _chunk_work(path: str, chunk) -> dict:
     explicit: list[tuple[int, list[int]]] = []
     kind_index = {k: i for i, k in enumerate(SAMPLE_TYPES)}
     samples = out["samples"]
-    for (line, kind), enc, doc_parts in zip(good, encs, parts):
+    parts_iter = iter(parts)
+    for g, (line, kind) in enumerate(good):
         samples[kind] = samples.get(kind, 0) + 1
+        if g in fast_at:
+            _fast_pretrain(next(fast_toks), frame, max_len, out, ids_out, lens, trained, explicit)
+            kinds.extend([kind_index[kind]] * (len(lens) - len(kinds)))
+            lines.extend([line] * (len(lens) - len(lines)))
+            continue
+        enc, doc_parts = next(encs), next(parts_iter)
         ids, labels = enc.ids, enc.labels
         n_all = enc.trained if enc.trained is not None else len(labels) - labels.count(-100)
         out["encoded_tokens"] += len(ids)
@@ -380,6 +415,42 @@ def _chunk_work(path: str, chunk) -> dict:
     out.update(ids=ids_out.tobytes(), labels=labels_np.tobytes(), lens=lens, kinds=kinds, lines=lines,
                trained=trained)
     return out
+
+
+def _fast_pretrain(toks: list[int], frame, max_len: int, out: dict, ids_out, lens, trained, explicit) -> None:
+    """One pretraining document as prefix + text + suffix ids, labels by the shift (see
+    pretrain_frame): the same ids, labels, windows and counts as the general path."""
+    prefix, suffix = frame
+    m, n = len(prefix), len(prefix) + len(toks) + len(suffix)
+    lead = max(m - 1, 0)  # positions before the first target
+    out["encoded_tokens"] += n
+    if n - max(m, 1) <= 0:
+        out["untrained"] += 1
+        return
+    out["encoded_trained"] += n - max(m, 1)
+    at0 = len(ids_out)
+    ids_out.fromlist(prefix)
+    ids_out.fromlist(toks)
+    ids_out.fromlist(suffix)
+    ends = [n]
+    if n > max_len:
+        ends = list(range(max_len, n, max_len)) + [n]
+        if ends[-1] - ends[-2] == 1:  # a window of the last token alone trains nothing: it is the target before
+            ends.pop()
+        out["windowed"] += 1
+        out["windows"] += len(ends)
+    a = 0
+    for b in ends:
+        lens.append(b - a)
+        trained.append(b - a - max(0, min(b, lead) - a) - int(b == n))
+        a = b
+    if lead:
+        explicit.append((at0, [-100] * lead))
+    if ends[-1] < n:
+        explicit.append((at0 + ends[-1] - 1, [ids_out[at0 + ends[-1]]]))
+        del ids_out[at0 + ends[-1]:]
+    else:
+        explicit.append((at0 + n - 1, [-100]))
 
 
 def _record_chunks(path: str, read_bytes=None, max_records: int | None = None, max_bytes: int | None = None):
@@ -505,7 +576,8 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
 
 def _init_worker_inline(template: Template, max_len: int, overlong: str) -> None:
     gc.disable()
-    _WORKER.update(template=template, max_len=max_len, overlong=overlong)
+    _WORKER.update(template=template, max_len=max_len, overlong=overlong,
+                   frame=pretrain_frame(template) if FAST_PRETRAIN else None)
 
 
 def _cache_key(path: str, template: Template, max_len: int, overlong: str) -> str:

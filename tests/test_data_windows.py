@@ -309,3 +309,28 @@ def test_jsonl_chunks_cover_every_line_once_with_its_number(tmp_path, max_record
     got = [(n, raw.decode()) for c in chunks for n, raw in dataset._chunk_records(str(p), c)]
     assert got == [(i + 1, text) for i, text in enumerate(lines) if text]
     assert all(len([1 for _ in dataset._chunk_records(str(p), c)]) <= max_records for c in chunks)
+
+
+@pytest.mark.parametrize("template_name", ["plain", "llama2", "chatglm3", "baichuan2"])
+def test_fast_pretraining_path_equals_the_general_encoder(tmp_path, tiny_tok, template_name, monkeypatch):
+    """Pretraining documents skip the label lists (labels = shifted ids): same bytes as encode_parts."""
+    from data import dataset
+    tok = tiny_tok
+    if template_name in ("chatglm3", "baichuan2"):
+        folder = os.path.join(SHARED_ASSETS, "tokenizers", template_name)
+        if not os.path.isdir(folder):
+            pytest.skip(f"{folder} not present")
+        tok = load_tokenizer(folder, {"chatglm3": "chatglm", "baichuan2": "baichuan"}[template_name])
+    template = get_template(template_name, tok)
+    assert dataset.pretrain_frame(template) is not None
+    L = 40
+    path = _mixed_file(tmp_path / "m.jsonl", 120)
+    with open(path, "a") as f:  # documents around multiples of the window length (a lone last token)
+        for k in range(1, 60):
+            f.write(json.dumps({"type": "pretrain", "text": " ".join(["bridge"] * k)}) + "\n")
+    fast = prepare_file(path, template, L, cache=False, workers=1)
+    monkeypatch.setattr(dataset, "FAST_PRETRAIN", False)
+    slow = prepare_file(path, template, L, cache=False, workers=1)
+    for name in ("tokens", "labels", "offsets", "kinds", "lines", "trained"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert fast.meta == slow.meta and fast.meta["windowed"] > 10
