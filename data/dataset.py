@@ -407,14 +407,30 @@ def _chunk_work(path: str, chunk) -> dict:
             explicit.append((at0 + len(ids) - 1, labels[-1:]))
         else:
             explicit.append((at0, labels))
-    ids_np = np.frombuffer(ids_out, dtype=np.int32)
-    labels_np = np.empty_like(ids_np)
-    labels_np[:-1] = ids_np[1:]
-    for at, values in explicit:
-        labels_np[at:at + len(values)] = values
-    out.update(ids=ids_out.tobytes(), labels=labels_np.tobytes(), lens=lens, kinds=kinds, lines=lines,
-               trained=trained)
+    # the labels travel as the exceptions to the shift only (chunk_labels rebuilds them): half the bytes
+    fix_at = array.array("q", [at for at, _ in explicit])
+    fix_len = array.array("q", [len(v) for _, v in explicit])
+    fix_values = array.array("i")
+    for _, values in explicit:
+        fix_values.fromlist(values)
+    out.update(ids=ids_out.tobytes(), fixes=(fix_at, fix_len, fix_values.tobytes()), lens=lens, kinds=kinds,
+               lines=lines, trained=trained)
     return out
+
+
+def chunk_labels(ids: bytes, fixes) -> np.ndarray:
+    """A chunk's labels: its ids shifted by one (each position's next token), then the exceptions
+    (untrained positions, document ends, truncated or non-next-token labels) written over it."""
+    ids_np = np.frombuffer(ids, dtype=np.int32)
+    labels = np.empty_like(ids_np)
+    labels[:-1] = ids_np[1:]
+    fix_at, fix_len, fix_values = fixes
+    values = np.frombuffer(fix_values, dtype=np.int32)
+    k = 0
+    for at, n in zip(fix_at, fix_len):
+        labels[at:at + n] = values[k:k + n]
+        k += n
+    return labels
 
 
 def _fast_pretrain(toks: list[int], frame, max_len: int, out: dict, ids_out, lens, trained, explicit) -> None:
@@ -526,7 +542,7 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
                 meta[name][k] = meta[name].get(k, 0) + v
         meta["errors"] += r["errors"][:MAX_LISTED - len(meta["errors"])]
         tok_f.write(r["ids"])
-        lab_f.write(r["labels"])
+        lab_f.write(chunk_labels(r["ids"], r["fixes"]).tobytes())
         at = offsets[-1]
         for n in r["lens"]:
             at += n
