@@ -59,7 +59,8 @@ def test_four_samples_train_at_default_settings_prepared_once(model):
     assert metrics[0]["samples"] == 16 and metrics[0]["loss"] > 0  # the one row four times, 4 samples each
     # both ranks read data (first and last stage) on this one node: the file was tokenized once
     assert len(preparations(out, data)) == 1, out
-    cache = [n for n in os.listdir(root / ".ppllm-cache") if n.startswith("texts.jsonl.") and ".tmp" not in n]
+    cache = [n for n in os.listdir(root / ".ppllm-cache") if n.startswith("texts.jsonl.") and ".tmp" not in n
+             and not n.endswith(".lock")]
     meta = json.loads((root / ".ppllm-cache" / cache[0] / "meta.json").read_text())
     assert meta["prepared_by"]["rank"] == "0"
 
@@ -120,7 +121,8 @@ def test_data_error_at_launch_is_one_line_from_rank0_like_the_dry_run(model):
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert f"data: preparing {fresh} " in out and "with 2 tokenizing process(es) on rank 0" in out, out
-    cache = [n for n in os.listdir(root / ".ppllm-cache") if n.startswith("fresh.jsonl.") and ".tmp" not in n]
+    cache = [n for n in os.listdir(root / ".ppllm-cache") if n.startswith("fresh.jsonl.") and ".tmp" not in n
+             and not n.endswith(".lock")]
     meta = json.loads((root / ".ppllm-cache" / cache[0] / "meta.json").read_text())
     assert meta["workers"] == 2 and meta["samples"] == {"pretrain": 300}
     lines = [line for line in out.splitlines() if re.search(r"\berror: ", line) and "eval data" in line]
