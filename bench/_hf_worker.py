@@ -19,22 +19,13 @@ import time
 
 def rows_in_ppllm_order(data: str, tok_dir: str, seq: int, seed: int, rows_per_step: int, steps: int) -> dict:
     """The rows of ppllm's first `steps` optimizer steps (data-parallel 1), concatenated in order."""
-    import numpy as np
-
-    from data.dataset import build_rows
+    from data.dataset import StepLoader, build_rows
     from data.templates import get_template
     from data.tokenizer import load_tokenizer
     tok = load_tokenizer(tok_dir, "llama")
     rows, _ = build_rows([data], get_template("plain", tok, "llama"), seq, packing=True, seed=seed)
-    n_per_epoch = len(rows) // rows_per_step * rows_per_step
-    if n_per_epoch == 0:
-        raise SystemExit(f"{len(rows)} rows are fewer than one step ({rows_per_step})")
-    order, epoch = [], 0
-    while len(order) < steps * rows_per_step:  # StepLoader: a fresh permutation per epoch
-        perm = np.random.default_rng(seed + epoch).permutation(len(rows))[:n_per_epoch]
-        order.extend(perm.tolist())
-        epoch += 1
-    return rows.get(np.asarray(order[: steps * rows_per_step]))
+    stream = StepLoader(rows, rows_per_step, 1, 0, 1, seed)  # its continuous stream of epochs
+    return rows.get(stream.stream(0, steps * rows_per_step))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Data pipeline throughput and packing efficiency.
+"""Data pipeline throughput and packing efficiency; ``--pretrain``: a long-tailed pretraining corpus.
 
 Generates a mixed corpus (all five sample types, log-normal lengths), then measures
   * the whole pipeline (read, validate, render, tokenize, truncate, write the cache, pack)
@@ -8,6 +8,22 @@ Generates a mixed corpus (all five sample types, log-normal lengths), then measu
     python bench/data_throughput.py [--samples 20000] [--max-seq-len 2048] [--tokenizer DIR] [--rounds 3]
 
 The last line is ``RESULT data_vs_tokenizer=<ratio> packing_efficiency=<fraction>``.
+
+    python bench/data_throughput.py --pretrain [--mb 200] [--max-seq-len 2048] [--workers N] [--rounds 3]
+
+generates a web-like pretraining corpus (log-normal words per document, a long tail of documents
+longer than max_seq_len) of at least ``--mb`` MB and reports
+  * ``tokens_kept``: trained tokens in the packed rows / the tokens the raw tokenizer finds in
+    the documents (text + EOS of each one: what a model can be trained to predict);
+  * ``prepare_vs_tokenizer``: cold preparation (read, validate, render, tokenize on the worker
+    pool, window, write the cache) in tokens/s against the raw tokenizer alone on the same cores
+    (SentencePiece's own threads, or the HF tokenizer's), in chunks of documents;
+  * peak RSS of preparing + packing a quarter of the corpus and all of it, each in a fresh
+    process (the main process and, separately, the largest pool worker).
+  * ``prepare_vs_tokenizer_cpu``: the same in CPU seconds (raw: the process and its threads;
+    prepare: the main process and its pool workers), which other load on the machine does not change.
+Last line: ``RESULT tokens_kept=<f> prepare_vs_tokenizer=<ratio> prepare_vs_tokenizer_cpu=<ratio>
+rss_mb_quarter=<a> rss_mb_full=<b> worker_rss_mb_quarter=<c> worker_rss_mb_full=<d>``.
 The real llama-2 tokenizer from ../shared/assets is used when present, else a small one is trained.
 """
 from __future__ import annotations
@@ -23,7 +39,7 @@ import time
 import numpy as np
 
 
-from data.dataset import build_rows
+from data.dataset import build_rows, prepare_file
 from data.templates import get_template
 from data.tokenizer import load_tokenizer
 
@@ -75,6 +91,129 @@ def _texts(obj) -> list[str]:
     return []
 
 
+def make_pretrain_corpus(path: str, mb: float, seed: int) -> int:
+    """Pretraining documents with log-normal word counts (median ~330 words, a tail past 20,000)
+    until the file holds ``mb`` MB; returns the number of documents."""
+    rng = np.random.default_rng(seed)
+    syll = ["ka", "lo", "mi", "ren", "ta", "vo", "shi", "an", "qu", "el", "dor", "ni", "pa", "us", "ex", "ri",
+            "the", "of", "and", "to", "in", "is", "was", "for"]
+    vocab = np.asarray(["".join(rng.choice(syll, size=rng.integers(1, 4))) for _ in range(20000)] +
+                       [",", ".", "\n"], dtype=object)
+    target, n, size = mb * 1e6, 0, 0
+    with open(path, "w") as f:
+        while size < target:
+            k = int(np.clip(rng.lognormal(np.log(330), 1.1), 5, 60000))
+            # Zipf-like word frequencies, as in natural text
+            w = vocab[np.minimum(rng.zipf(1.2, size=k) - 1, len(vocab) - 1)]
+            line = json.dumps({"type": "pretrain", "text": " ".join(w.tolist())}) + "\n"
+            f.write(line)
+            size += len(line)
+            n += 1
+    return n
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its waited-for children (pool workers)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _raw_count(tok, path: str, docs_per_chunk: int = 512) -> tuple[int, int, float, float]:
+    """(tokens of BOS + text + EOS, trainable targets, seconds encoding, CPU seconds encoding)
+    with the raw tokenizer."""
+    tokens = targets = 0
+    spent = cpu = 0.0
+    with open(path) as f:
+        while True:
+            texts = [json.loads(line)["text"] for _, line in zip(range(docs_per_chunk), f)]
+            if not texts:
+                break
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            lens = [len(x) for x in tok.encode_batch(texts)]
+            spent += time.perf_counter() - t0
+            cpu += _cpu_seconds() - c0
+            tokens += sum(lens) + (2 if tok.adds_bos else 1) * len(lens)
+            targets += sum(lens) + len(lens)
+    return tokens, targets, spent, cpu
+
+
+def _rss_child(path: str, tok_dir: str, max_len: int, workers: int | None) -> None:
+    """Prepare + pack ``path`` from a cold cache in this fresh process; print the peak RSS."""
+    import resource
+    tok = load_tokenizer(tok_dir, "llama")
+    template = get_template("auto", tok, "llama")
+    build_rows([path], template, max_len, packing=True, seed=0, workers=workers)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"rss_mb": round(own, 1), "worker_rss_mb": round(kids, 1)}))
+
+
+def pretrain_main(a) -> None:
+    import subprocess
+    with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
+        tok_dir = a.tokenizer or (LLAMA2 if os.path.isdir(LLAMA2) else None)
+        if tok_dir is None:
+            from ppllm.tiny import train_sentencepiece
+            tok_dir = train_sentencepiece(make_corpus(os.path.join(tmp, "t.jsonl"), 300, 1)[:2000],
+                                          os.path.join(tmp, "tok"), vocab_size=2000)
+        tok = load_tokenizer(tok_dir, "llama")
+        template = get_template("auto", tok, "llama")
+        path = os.path.join(tmp, "corpus.jsonl")
+        t0 = time.perf_counter()
+        n_docs = make_pretrain_corpus(path, a.mb, a.seed)
+        mb = os.path.getsize(path) / 1e6
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print(f"corpus: {n_docs} pretraining documents, {mb:.1f} MB (generated in {time.perf_counter() - t0:.0f}s); "
+              f"tokenizer {tok_dir} ({type(tok).__name__}); max_seq_len {a.max_seq_len}; {cores} cores")
+        # best of --rounds, alternating; wall time (throughput) and CPU time (work per token, which
+        # other load on a shared machine does not change)
+        t_raw = t_prep = c_raw = c_prep = float("inf")
+        for _ in range(a.rounds):
+            corpus_tokens, corpus_targets, spent, cpu = _raw_count(tok, path)
+            t_raw, c_raw = min(t_raw, spent), min(c_raw, cpu)
+            shutil.rmtree(os.path.join(tmp, ".ppllm-cache"), ignore_errors=True)
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            src = prepare_file(path, template, a.max_seq_len, workers=a.workers)
+            t_prep, c_prep = min(t_prep, time.perf_counter() - t0), min(c_prep, _cpu_seconds() - c0)
+        t0 = time.perf_counter()
+        rows, stats = build_rows([path], template, a.max_seq_len, packing=True, seed=a.seed)
+        t_pack = time.perf_counter() - t0
+        m = src.meta
+        kept = stats.trained_tokens / corpus_targets
+        print(f"raw tokenizer: {corpus_tokens} tokens (BOS + text + EOS) in {t_raw:.2f}s = "
+              f"{corpus_tokens / t_raw:,.0f} tok/s ({c_raw:.1f} CPU s)")
+        print(f"prepare (cold, {m['workers']} worker processes, writes the cache): {m['encoded_tokens']} tokens in "
+              f"{t_prep:.2f}s = {m['encoded_tokens'] / t_prep:,.0f} tok/s ({c_prep:.1f} CPU s); packing from the "
+              f"cache {t_pack:.2f}s")
+        print(f"documents: {n_docs}, {stats.windowed} longer than max_seq_len split into {stats.windows} windows; "
+              f"{stats.truncated} truncated, {stats.dropped} dropped")
+        print(f"kept: {stats.trained_tokens} trained of {corpus_targets} trainable tokens ({kept:.6f}); "
+              f"{stats.tokens} of {corpus_tokens} tokens in the rows; {stats.rows} rows, packing efficiency "
+              f"{stats.efficiency:.4f}")
+        assert m["encoded_tokens"] == corpus_tokens, (m["encoded_tokens"], corpus_tokens)
+        # peak RSS: a quarter of the corpus and all of it, each prepared cold in a fresh process
+        quarter = os.path.join(tmp, "quarter.jsonl")
+        with open(path, "rb") as f, open(quarter, "wb") as g:
+            for i, line in enumerate(f):
+                if i % 4 == 0:
+                    g.write(line)
+        rss = {}
+        for name, p in (("quarter", quarter), ("full", path)):
+            shutil.rmtree(os.path.join(tmp, ".ppllm-cache"), ignore_errors=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", p, "--tokenizer", tok_dir,
+                   "--max-seq-len", str(a.max_seq_len)] + (["--workers", str(a.workers)] if a.workers else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rss[name] = json.loads(out)
+            print(f"peak RSS, {name} corpus ({os.path.getsize(p) / 1e6:.0f} MB): main {rss[name]['rss_mb']:.0f} MB, "
+                  f"largest worker {rss[name]['worker_rss_mb']:.0f} MB")
+    ratio = (m["encoded_tokens"] / t_prep) / (corpus_tokens / t_raw)
+    print(f"RESULT tokens_kept={kept:.6f} prepare_vs_tokenizer={ratio:.3f} prepare_vs_tokenizer_cpu={c_raw / c_prep:.3f} "
+          f"rss_mb_quarter={rss['quarter']['rss_mb']:.0f} rss_mb_full={rss['full']['rss_mb']:.0f} "
+          f"worker_rss_mb_quarter={rss['quarter']['worker_rss_mb']:.0f} "
+          f"worker_rss_mb_full={rss['full']['worker_rss_mb']:.0f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=20000)
@@ -82,8 +221,18 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: shared llama-2, else a tiny one)")
     p.add_argument("--template", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=3, help="best of N for both sides, alternating")
+    p.add_argument("--rounds", type=int, default=None, help="best of N for both sides, alternating (default 3)")
+    p.add_argument("--pretrain", action="store_true", help="the long-tailed pretraining corpus mode")
+    p.add_argument("--mb", type=float, default=200.0, help="--pretrain: corpus size in MB")
+    p.add_argument("--workers", type=int, default=None, help="--pretrain: tokenizing processes (default: all cores)")
+    p.add_argument("--tmp", default=None, help="folder for the generated corpus (default: the system's)")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.rss_child:
+        return _rss_child(a.rss_child, a.tokenizer, a.max_seq_len, a.workers)
+    a.rounds = a.rounds or 3
+    if a.pretrain:
+        return pretrain_main(a)
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = a.tokenizer or (LLAMA2 if os.path.isdir(LLAMA2) else None)

@@ -110,12 +110,13 @@ class SPTokenizer:
         self.generation_config = generation_config or {}
         self.fingerprint = fingerprint or _fingerprint(os.path.dirname(os.path.abspath(model_file)),
                                                        "sp" + ",".join(specials))
+        self.threads = -1  # encode_batch threads (-1: all cores); a data-preparation worker sets 1
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts) if texts else []
+        return self.sp.encode(texts, num_threads=self.threads) if texts else []
 
     def decode(self, ids: list[int]) -> str:
         out, run = [], []

@@ -133,8 +133,9 @@ class RunConfig(BaseModel):
     system_prompt: str | None = None
     """system text for every chat sample that has none of its own (a sample's `system` wins)"""
     overlong: Literal["truncate", "drop"] = "truncate"
-    """`truncate` cuts at the last turn boundary that fits (after an answer), or hard at `max_seq_len` when no turn
-    fits; `drop` drops the sample. Both are counted"""
+    """for conversations and instructions: `truncate` cuts at the last turn boundary that fits (after an answer), or
+    hard at `max_seq_len` when no turn fits; `drop` drops the sample. Both are counted. Pretraining text is never
+    cut: a long document becomes consecutive windows (see Long pretraining documents)"""
     strict: bool = True
     """stop on any malformed sample, listing every one; `false` skips bad samples and counts them per reason"""
     data_weights: list[float] | None = None

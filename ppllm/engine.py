@@ -155,9 +155,20 @@ def train_step(engine, batches: list | None) -> float:
 
 def eval_step(engine, batches: list | None) -> tuple[float, float]:
     """(summed loss, trained tokens) of one step of micro-batches on this replica; both are
-    meaningful on the first stage, which receives the loss from the last."""
+    meaningful on the first stage, which receives the loss from the last.
+
+    ``eval_batch`` averages the micro-batch losses over grad-accum steps and then over the
+    data-parallel replicas, so the scale is the step's token count over every replica (as in
+    ``train_step``): the engine returns the step's token-weighted mean, and the replicas' shares
+    ``mean * own tokens`` add up to its summed loss even when they hold unequal tokens (an eval
+    step with padding rows)."""
     n = float(trained_tokens(batches)) if batches else 0.0
-    scale = engine.gradient_accumulation_steps() / max(1.0, n)
+    scale = 0.0
+    if engine.is_last_stage():
+        grid = engine.grid
+        n_tok = torch.tensor([n], dtype=torch.float64)
+        torch.distributed.all_reduce(n_tok, group=grid.get_data_parallel_group())
+        scale = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size() / max(1.0, float(n_tok))
     batches = with_normaliser(batches, scale)
     loss = float(engine.eval_batch(iter(batches) if batches is not None else None))
     return loss * n, n

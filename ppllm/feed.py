@@ -1,53 +1,133 @@
 """What each rank feeds the engine: the validated, packed rows of a run and their step stream.
 
 The first and last pipeline stage of every data-parallel replica read data (the engine pulls
-inputs on the first stage and labels on the last); middle stages only learn the step count.
+inputs on the first stage and labels on the last); middle stages only learn the step counts.
+
+The dry run and the launch go through the same functions here (``load_data``, ``load_eval``,
+``count_steps``), so whatever stops a launch on data stops the dry run with the same message.
+At launch, ``make_loaders`` runs in three agreed phases (``ppllm.errors.agree``: a failure on
+any rank stops every rank, and rank 0 prints it once):
+
+1. one rank per node prepares every file (tokenizes with all cores, writes the cache) while
+   the node's other ranks wait;
+2. the data-reading ranks memory-map the prepared files and pack the rows;
+3. every rank learns the row counts (and that the readers agree on them) and so the step counts.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ppllm import errors
 from ppllm.log import is_rank0
 
 
-def load_data(cfg, model_type: str, files: list[str] | None = None):
-    """(tokenizer, packed rows, stats); every sample is validated first (strict: stop on any)."""
-    from data.dataset import build_rows, source_weights
+def _tokenizer_template(cfg, model_type: str):
     from data.templates import get_template
     from data.tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.tokenizer_path, model_type)
-    template = get_template(cfg.run.template, tok, model_type, system_prompt=cfg.run.system_prompt)
-    training = files is None or files == cfg.data_files()
-    files = cfg.data_files() if files is None else files
-    weights = source_weights(cfg.run.data_path, cfg.run.data_weights) if training else None
-    rows, stats = build_rows(files, template, cfg.run.max_seq_len, cfg.run.packing, cfg.run.overlong, cfg.run.seed,
-                             strict=cfg.run.strict, weights=weights, progress=is_rank0())
-    stats.template = template.name
-    return tok, rows, stats
+    return tok, get_template(cfg.run.template, tok, model_type, system_prompt=cfg.run.system_prompt)
 
 
-def format_data_stats(stats) -> str:
+def _guard(what: str, fn):
+    """Tokenizer/template problems (a missing folder, a template the tokenizer cannot render) are
+    the user's to fix: report them as data errors, naming ``what``."""
+    from data.dataset import DataError
+    try:
+        return fn()
+    except DataError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"{what}: {e}") from e
+
+
+def load_data(cfg, model_type: str, files: list[str] | None = None, progress: bool | None = None):
+    """(tokenizer, packed rows, stats) of the training data; every sample is validated first."""
+    from data.dataset import build_rows, source_weights
+
+    def go():
+        tok, template = _tokenizer_template(cfg, model_type)
+        training = files is None or files == cfg.data_files()
+        paths = cfg.data_files() if files is None else files
+        weights = source_weights(cfg.run.data_path, cfg.run.data_weights) if training else None
+        rows, stats = build_rows(paths, template, cfg.run.max_seq_len, cfg.run.packing, cfg.run.overlong,
+                                 cfg.run.seed, strict=cfg.run.strict, weights=weights,
+                                 progress=is_rank0() if progress is None else progress)
+        stats.template = template.name
+        return tok, rows, stats
+    return _guard("data", go)
+
+
+def load_eval(cfg, model_type: str, progress: bool | None = None):
+    """(rows, stats) of ``eval_data_path``, or (None, None); its errors say it is the eval set."""
+    from data.dataset import DataError
+    from ppllm.config import expand_data_paths
+    if not cfg.run.eval_data_path:
+        return None, None
+    try:
+        _, rows, stats = load_data(cfg, model_type, expand_data_paths(cfg.run.eval_data_path), progress)
+    except DataError as e:
+        raise DataError(f"eval data (eval_data_path): {e}") from e
+    return rows, stats
+
+
+def rows_per_step(cfg) -> int:
+    return cfg.micro_batch * cfg.grad_accum * cfg.data
+
+
+def count_steps(cfg, train_rows: int, eval_rows: int | None = None) -> tuple[int, int]:
+    """(training steps, steps of one evaluation) for these row counts (see data.dataset.StepLoader)."""
+    from data.dataset import total_steps
+    per = rows_per_step(cfg)
+    total = total_steps(train_rows, per, cfg.run.n_epoches, cfg.run.max_steps)
+    return total, (total_steps(eval_rows, per, 1) if eval_rows else 0)
+
+
+def format_data_stats(stats, label: str = "data") -> str:
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(stats.samples.items()))
     template = f"template {stats.template}; " if getattr(stats, "template", None) else ""
-    lines = [f"data: {sum(stats.samples.values())} samples ({kinds}) from {len(stats.sources)} file(s); {template}"
-             f"{stats.tokens} tokens, {stats.trained_tokens} trained; {stats.truncated} truncated, "
-             f"{stats.dropped} dropped; {stats.rows} rows, packing efficiency {stats.efficiency:.1%} "
+    lines = [f"{label}: {sum(stats.samples.values())} samples ({kinds}) from {len(stats.sources)} file(s); {template}"
+             f"{stats.tokens} tokens, {stats.trained_tokens} trained; {stats.windowed} pretraining document(s) "
+             f"split into {stats.windows} windows, {stats.truncated} truncated, {stats.dropped} dropped; "
+             f"{stats.rows} rows, packing efficiency {stats.efficiency:.1%} "
              f"(one sample per row would be {stats.padded_efficiency:.1%})"]
     if stats.skipped:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items()))
-        lines.append(f"data: skipped {sum(stats.skipped.values())} bad sample(s) (strict: false): {reasons}")
+        lines.append(f"{label}: skipped {sum(stats.skipped.values())} bad sample(s) (strict: false): {reasons}")
     return "\n".join(lines)
 
 
+def format_steps(cfg, train_rows: int, eval_rows: int | None, start: int = 0) -> str:
+    from data.dataset import total_steps
+    total, eval_steps = count_steps(cfg, train_rows, eval_rows)
+    per = rows_per_step(cfg)
+    capped = f", capped by max_steps {cfg.run.max_steps}" if total < total_steps(train_rows, per, cfg.run.n_epoches) \
+        else ""
+    text = (f"would train {total} optimizer steps: {cfg.run.n_epoches} pass(es) over {train_rows} rows at {per} rows per "
+            f"step (micro batch {cfg.micro_batch} x gradient_accumulation_steps {cfg.grad_accum} x data "
+            f"{cfg.data}){capped}")
+    if start:
+        text += f"; steps {start + 1}..{total} remain after the checkpoint to resume"
+    if eval_rows:
+        text += f"; evaluation: {eval_steps} step(s) over {eval_rows} rows"
+    return text
+
+
 class NoData:
-    """Stand-in loader for middle stages: knows the step count, holds no data."""
+    """Stand-in loader for middle stages: knows the step counts, holds no data."""
     has_data = False
 
-    def __init__(self, steps_per_epoch: int):
+    def __init__(self, steps_per_epoch: int, eval_steps: int = 0):
         self.steps_per_epoch = steps_per_epoch
+        self.eval_steps = eval_steps
 
     def next_step(self):
         return None
+
+    def one_pass(self):
+        for _ in range(self.eval_steps):
+            yield None
 
     def load_state_dict(self, state):
         pass
@@ -56,20 +136,76 @@ class NoData:
         return {}
 
 
-def make_loader(cfg, files: list[str], model_type: str, has_data: bool, dp_rank: int, dp_size: int,
-                announce: bool):
-    """StepLoader on data-reading ranks; every rank learns the (minimum) steps per epoch."""
-    from data.dataset import StepLoader
-    loader = None
-    steps = torch.tensor([2 ** 62], dtype=torch.long)
-    if has_data:
-        _, rows, stats = load_data(cfg, model_type, files)
+def _node_preparer(cfg, rank: int) -> bool:
+    """Is this rank the one that prepares the data on its node? The lowest data-reading rank of
+    the node (the launcher gives every node a contiguous block of LOCAL_SIZE global ranks)."""
+    from ppllm import ds_compat
+    local, size = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_SIZE")
+    topo = ds_compat.topology(cfg.pipe, cfg.data)
+    readers = [r for r in range(cfg.world_size) if topo.get_coord(r).pipe in (0, cfg.pipe - 1)]
+    if local is None or size is None:  # not started by the DeepSpeed launcher: the lowest reader
+        return rank == readers[0]
+    first = rank - int(local)
+    mine = [r for r in readers if first <= r < first + int(size)]
+    return bool(mine) and rank == mine[0]
+
+
+def prepare_node(cfg, model_type: str) -> None:
+    """Tokenize and cache every training and eval file (a cache hit when already prepared)."""
+    from data.dataset import DataError, load_sources
+    from ppllm.config import expand_data_paths
+
+    def go(files):
+        _, template = _tokenizer_template(cfg, model_type)
+        load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True)
+    _guard("data", lambda: go(cfg.data_files()))
+    if cfg.run.eval_data_path:
+        try:
+            _guard("data", lambda: go(expand_data_paths(cfg.run.eval_data_path)))
+        except DataError as e:  # the message load_eval gives (the dry run's)
+            raise DataError(f"eval data (eval_data_path): {e}") from e
+
+
+def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: int, announce: bool):
+    """(training loader, eval loader or None, training steps), the same step counts on every rank.
+
+    Every rank must call this (it runs collectives)."""
+    from data.dataset import DataError, StepLoader
+    rank = torch.distributed.get_rank()
+    errors.agree(lambda: prepare_node(cfg, model_type) if _node_preparer(cfg, rank) else None)
+
+    def build():
+        if not has_data:
+            return None, None
+        tok, rows, stats = load_data(cfg, model_type, progress=False)
+        eval_rows, eval_stats = load_eval(cfg, model_type, progress=False)
         if announce:
             print(format_data_stats(stats), flush=True)
-        loader = StepLoader(rows, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.run.seed)
-        steps[0] = loader.steps_per_epoch
-    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
+            if eval_stats is not None:
+                print(format_data_stats(eval_stats, "eval data"), flush=True)
+        seed, pad = cfg.run.seed, tok.pad_id
+        train = StepLoader(rows, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, seed, pad)
+        ev = StepLoader(eval_rows, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, seed, pad) \
+            if eval_rows is not None else None
+        return train, ev
+    loader, eval_loader = errors.agree(build)
+
+    # every reader built the same rows from the same files; the others learn the counts
+    mine = [loader.n, eval_loader.n if eval_loader is not None else 0] if has_data else [-1, -1]
+    dev = errors.collective_device()
+    hi = torch.tensor(mine, dtype=torch.int64, device=dev)
+    lo = torch.tensor([x if x >= 0 else 2 ** 62 for x in mine], dtype=torch.int64, device=dev)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    if hi.tolist() != lo.tolist():
+        raise DataError(f"the data-reading ranks see different data: between {lo.tolist()[0]} and "
+                        f"{hi.tolist()[0]} training rows (eval: {lo.tolist()[1]}..{hi.tolist()[1]}); give every "
+                        f"node the same data files (same content, same paths)")
+    n_train, n_eval = hi.tolist()
+    total, eval_steps = count_steps(cfg, n_train, n_eval or None)
+    if announce:
+        print(format_steps(cfg, n_train, n_eval or None), flush=True)
     if loader is None:
-        return NoData(int(steps))
-    loader.limit_steps_per_epoch(int(steps))
-    return loader
+        loader = NoData(-(-n_train // rows_per_step(cfg)))
+        eval_loader = NoData(0, eval_steps) if n_eval else None
+    return loader, eval_loader, total

@@ -19,9 +19,10 @@ import torch
 
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
-from ppllm import reshard, watchdog
-from ppllm.config import Config, ConfigError, expand_data_paths, load_config
-from ppllm.feed import NoData, format_data_stats, load_data, make_loader
+from ppllm import ds_compat, reshard, watchdog
+from ppllm.config import Config, ConfigError, load_config
+from ppllm.errors import UserError
+from ppllm.feed import count_steps, format_data_stats, format_steps, load_data, load_eval, make_loaders
 from ppllm.log import is_rank0, log0
 from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
 from ppllm.paths import METRICS_FILE, step_of, tag_for
@@ -62,18 +63,11 @@ def setup(cfg: Config) -> Run:
     log0(notice)
 
     family, margs, bounds = resolve_partition(cfg)
-    topo = eng.ds_compat.topology(cfg.pipe, cfg.data)
+    topo = ds_compat.topology(cfg.pipe, cfg.data)
     coord = topo.get_coord(rank)
     is_first, is_last = coord.pipe == 0, coord.pipe == cfg.pipe - 1
     reads_data = is_first or is_last
-    loader = make_loader(cfg, cfg.data_files(), margs.model_type, reads_data, coord.data, cfg.data, rank == 0)
-    eval_loader = None
-    if cfg.run.eval_data_path:
-        eval_loader = make_loader(cfg, expand_data_paths(cfg.run.eval_data_path), margs.model_type, reads_data,
-                                  coord.data, cfg.data, False)
-    total = loader.steps_per_epoch * cfg.run.n_epoches
-    if cfg.run.max_steps:
-        total = min(total, cfg.run.max_steps)
+    loader, eval_loader, total = make_loaders(cfg, margs.model_type, reads_data, coord.data, cfg.data, rank == 0)
 
     ds = eng.ds_config(cfg)
     scheduler = None
@@ -95,7 +89,7 @@ def setup(cfg: Config) -> Run:
 
 
 def run_record(cfg: Config, bounds: list[int]) -> dict:
-    topo = eng.ds_compat.topology(cfg.pipe, cfg.data)
+    topo = ds_compat.topology(cfg.pipe, cfg.data)
     return reshard.run_record(cfg, bounds, [topo.filter_match(pipe=s) for s in range(cfg.pipe)])
 
 
@@ -132,11 +126,10 @@ def resume(cfg: Config, engine, loader, rank: int, record: dict) -> int:
 
 
 def evaluate(engine, loader) -> float:
-    """Token-weighted loss over the whole eval set, across micro-batches and replicas."""
-    loader.load_state_dict({"epoch": 0, "step_in_epoch": 0})
+    """Token-weighted loss over the whole eval set (every row once), across micro-batches and replicas."""
     acc = torch.zeros(2, dtype=torch.float64)
-    for _ in range(loader.steps_per_epoch):
-        loss_sum, n = eng.eval_step(engine, loader.next_step())
+    for batches in loader.one_pass():
+        loss_sum, n = eng.eval_step(engine, batches)
         if engine.is_first_stage():
             acc += torch.tensor([loss_sum, n], dtype=torch.float64)
     torch.distributed.all_reduce(acc)
@@ -227,9 +220,8 @@ def interrupted_message(save_path: str, step: int) -> str:
             f"(step {step_of(tag)})")
 
 
-def nothing_to_train(cfg: Config, start: int, total: int, steps_per_epoch: int) -> str:
-    limit = (f"max_steps {cfg.run.max_steps}" if cfg.run.max_steps == total
-             else f"{cfg.run.n_epoches} epoch(s) of {steps_per_epoch} steps")
+def nothing_to_train(cfg: Config, start: int, total: int) -> str:
+    limit = f"max_steps {cfg.run.max_steps}" if cfg.run.max_steps == total else f"{cfg.run.n_epoches} pass(es)"
     return (f"nothing to train: {cfg.run.save_path} already holds step {start}, and this run ends at step {total} "
             f"({limit}); raise max_steps or n_epoches to train further, or use resume: never or another "
             f"save_path to start over")
@@ -242,10 +234,14 @@ def train(cfg: Config, quiet: bool = False) -> None:
     try:
         init_process_group(cfg)
         dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
-        run = setup(cfg)
+        try:
+            run = setup(cfg)
+        except UserError:  # every rank agreed on it (ppllm.errors.agree): stop cleanly, main prints it
+            watchdog.stop(dog)
+            raise
         step = run.start
         if run.start >= run.total:
-            log0(nothing_to_train(cfg, run.start, run.total, run.loader.steps_per_epoch))
+            log0(nothing_to_train(cfg, run.start, run.total))
             watchdog.stop(dog)
             return
         for step in loop(run, quiet):
@@ -284,7 +280,8 @@ def loop(run: Run, quiet: bool):
 
 
 def dry_run(cfg: Config, show_samples: int = 0) -> int:
-    from data.dataset import DataError
+    """The launch's twin for data: the same loading, checks and messages, then the counts.
+    It also writes the data cache, so a corpus can be prepared ahead of a run (login node)."""
     family, margs, bounds = resolve_partition(cfg)
     print(f"config {cfg.source}: OK")
     print(format_layout(cfg, family, margs, bounds))
@@ -299,24 +296,24 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
         print("note: precision fp16 needs a CUDA device; the launch refuses it on a machine without one")
     try:
         tok, rows, stats = load_data(cfg, margs.model_type)
-    except (DataError, ValueError, FileNotFoundError) as e:  # bad samples, template/tokenizer mismatch
+        eval_rows, eval_stats = load_eval(cfg, margs.model_type)
+    except UserError as e:
         print(f"error: {e}")
         return 2
     print(format_data_stats(stats))
+    if eval_stats is not None:
+        print(format_data_stats(eval_stats, "eval data"))
     if show_samples:
         from data.preview import show_samples as render_samples
         print(render_samples(rows, tok, show_samples, color=sys.stdout.isatty()))
-    per_step = cfg.micro_batch * cfg.grad_accum * cfg.data
-    steps = stats.rows // per_step * cfg.run.n_epoches
-    if cfg.run.max_steps:
-        steps = min(steps, cfg.run.max_steps)
+    total, _ = count_steps(cfg, stats.rows, eval_stats.rows if eval_stats is not None else None)
     found = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
     start = (step_of(found[1]) or 0) if found else 0
-    if start >= steps and found:
-        print(nothing_to_train(cfg, start, steps, stats.rows // per_step))
+    if found and start >= total:
+        print(nothing_to_train(cfg, start, total))
         return 0
-    print(f"would train {steps - start} optimizer steps ({start + 1}..{steps}); launch with: deepspeed --num_gpus {cfg.world_size} "
-          f"train_pp.py --config {cfg.source}")
+    print(format_steps(cfg, stats.rows, eval_stats.rows if eval_stats is not None else None, start))
+    print(f"launch with: deepspeed --num_gpus {cfg.world_size} train_pp.py --config {cfg.source}")
     return 0
 
 
@@ -351,5 +348,9 @@ def main(config: str, overrides: list[str], dry: bool = False, plan: bool = Fals
         return 2
     if note:
         log0(note)
-    train(cfg, quiet=quiet)
+    try:
+        train(cfg, quiet=quiet)
+    except UserError as e:  # already agreed by every rank: one line, from rank 0, and a non-zero exit
+        log0(f"error: {e}")
+        return 2
     return 0

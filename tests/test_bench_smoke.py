@@ -48,3 +48,12 @@ def test_layers_vs_hf_tiny():
     r = run_bench(["bench/layers_vs_hf.py", "--repeats", "2", "--warmup", "1", "--hidden", "64", "--layers", "2",
                    "--seq", "64", "--vocab", "512"], timeout=160)
     assert set(r) == {"layers_vs_hf"} and r["layers_vs_hf"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_data_throughput_pretrain_tiny():
+    r = run_bench(["bench/data_throughput.py", "--pretrain", "--mb", "6", "--rounds", "1", "--workers", "2"],
+                  timeout=220)
+    assert set(r) == {"tokens_kept", "prepare_vs_tokenizer", "prepare_vs_tokenizer_cpu", "rss_mb_quarter",
+                      "rss_mb_full", "worker_rss_mb_quarter", "worker_rss_mb_full"}
+    assert r["tokens_kept"] == 1.0 and r["worker_rss_mb_full"] > 0

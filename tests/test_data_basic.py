@@ -64,12 +64,20 @@ def test_packing_restarts_positions_and_never_labels_across_documents(tmp_path, 
     assert s2.rows == 12 and s2.trained_tokens == stats.trained_tokens
 
 
-def test_overlong_truncate_and_drop(tmp_path, tok):
-    recs = [{"type": "pretrain", "text": " ".join(["orchard"] * 80)}, {"type": "pretrain", "text": "short"}]
-    _, s = build_rows([write(tmp_path, recs)], get_template("plain", tok), 16, overlong="truncate")
-    assert s.truncated == 1 and s.rows >= 1
-    _, s = build_rows([write(tmp_path, recs)], get_template("plain", tok), 16, overlong="drop")
-    assert s.dropped == 1
+def test_overlong_pretrain_windows_conversations_truncate_or_drop(tmp_path, tok):
+    long_text = " ".join(["orchard"] * 80)
+    recs = [{"type": "pretrain", "text": long_text}, {"type": "pretrain", "text": "short"},
+            {"type": "instruct", "instruct": "Say", "output": long_text}]
+    for mode in ("truncate", "drop"):
+        rows, s = build_rows([write(tmp_path, recs)], get_template("plain", tok), 64, overlong=mode)
+        # the long pretraining text is windowed in both modes: nothing of it is lost
+        n_long = len(tok.encode(long_text)) + 1  # text + EOS are trained
+        assert s.windowed == 1 and s.windows == -(-(n_long + 1) // 64)
+        if mode == "truncate":
+            assert s.truncated == 1 and s.dropped == 0 and s.rows >= s.windows
+        else:
+            assert s.truncated == 0 and s.dropped == 1
+        assert sum(s.samples.values()) == 3
 
 
 def test_jsonl_and_array_line_numbers(tmp_path):
@@ -106,10 +114,10 @@ def test_step_loader_shards_disjoint_deterministic_and_resumable():
     rows = {k: np.arange(n * 4).reshape(n, 4) for k in ("input_ids", "position_ids", "doc_ids", "labels")}
     a = StepLoader(rows, 2, 3, 0, 2, seed=5)
     b = StepLoader(rows, 2, 3, 1, 2, seed=5)
-    assert a.steps_per_epoch == b.steps_per_epoch == 3
+    assert a.steps_per_epoch == b.steps_per_epoch == 4  # ceil(40 / 12): the 4th step reaches into epoch 2
     seen_a = {int(x[0][0][r, 0]) for _ in range(3) for x in a.next_step() for r in range(2)}
     seen_b = {int(x[0][0][r, 0]) for _ in range(3) for x in b.next_step() for r in range(2)}
-    assert not seen_a & seen_b
+    assert not seen_a & seen_b and len(seen_a) == len(seen_b) == 18
     c = StepLoader(rows, 2, 3, 0, 2, seed=5)
     c.next_step()
     state = c.state_dict()
@@ -118,5 +126,10 @@ def test_step_loader_shards_disjoint_deterministic_and_resumable():
     d.load_state_dict(state)
     got = d.next_step()
     assert all((x[1] == y[1]).all() for x, y in zip(expect, got))
-    with pytest.raises(DataError, match="not enough for one optimizer step"):
-        StepLoader(rows, 8, 8, 0, 2, seed=0)
+    # a batch larger than the data still trains: the step takes the rows of several epochs
+    big = StepLoader(rows, 8, 8, 0, 2, seed=0)
+    assert big.steps_per_epoch == 1 and big.steps(3) == 1 and big.steps(4) == 2  # ceil(passes * 40 / 128)
+    step = big.next_step()
+    assert len(step) == 8 and all(x[1].shape == (8, 4) for x in step)
+    with pytest.raises(DataError, match="no rows"):
+        StepLoader({k: v[:0] for k, v in rows.items()}, 1, 1, 0, 1, seed=0)

@@ -78,7 +78,7 @@ def test_cache_reused_and_invalidated(tmp_path, template, monkeypatch):
 
 def test_weights_mix_sources(tmp_path, template):
     a, b = corpus(tmp_path / "a.jsonl", 40, 1), corpus(tmp_path / "b.json", 40, 2, jsonl=False)
-    _, s = build_rows([a, b], template, 128, weights=[2.0, 0.5])
+    _, s = build_rows([a, b], template, 512, weights=[2.0, 0.5])  # no windows: one document per sample
     assert s.sources == {a: 80, b: 20}
     assert source_weights([str(tmp_path / "*.jsonl"), b], [1.5, 1.0]) == [1.5, 1.0]
     with pytest.raises(dataset.DataError, match="one weight per data_path entry"):
@@ -91,9 +91,10 @@ def test_lazy_loader_shards_disjoint_equal_and_resumes(tmp_path, template):
     seen = []
     for rank in range(2):
         ld = StepLoader(rows, 2, 2, rank, 2, seed=9)
-        got = [b[0][0] for _ in range(ld.steps_per_epoch) for b in ld.next_step()]
+        whole = ld.n // ld.per_step  # the steps that lie inside the first epoch
+        got = [b[0][0] for _ in range(whole) for b in ld.next_step()]
         seen.append({bytes(r.numpy().tobytes()) for t in got for r in t})
-        assert sum(len(t) for t in got) == ld.steps_per_epoch * 4
+        assert sum(len(t) for t in got) == whole * 4
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] <= {bytes(r.tobytes()) for r in full_ids}
     a = StepLoader(rows, 2, 2, 0, 2, seed=9)

@@ -1,5 +1,6 @@
 """Exact resume: SIGKILL a run (probably mid-save) and start it again; the loss curve is identical."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -11,7 +12,8 @@ from tests.helpers import DEEPSPEED, REPO, free_port, launch, read_metrics, tiny
 
 pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
 
-TEXTS = [f"Sample {i}: the river ran fast beneath the middle arch of the old bridge." for i in range(24)]
+# 7 rows, 4 per step: steps 2, 4, 6 and 9 span two epochs
+TEXTS = [f"Sample {i}: the river ran fast beneath the middle arch of the old bridge." for i in range(7)]
 STEPS = 10
 
 
@@ -58,6 +60,16 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path):
 
     p = launch(["train_pp.py", "--config", str(cfg)], 2)
     assert "resumed from" in p.stdout
+    # the resumed part holds a step that takes the end of one epoch and the start of the next
+    from data.dataset import build_rows
+    from data.templates import get_template
+    from data.tokenizer import load_tokenizer
+    tok = load_tokenizer(str(pp), "llama")
+    rows, _ = build_rows([str(data)], get_template("auto", tok, "llama"), 48, seed=7, cache=False)
+    per_step = 4
+    resumed_at = int(re.search(r"resumed from .* at step (\d+)", p.stdout).group(1))
+    assert len(rows) % per_step and resumed_at < STEPS
+    assert any((k * per_step) // len(rows) != ((k + 1) * per_step - 1) // len(rows) for k in range(resumed_at, STEPS))
     resumed = read_metrics(metrics)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]  # bit for bit

@@ -1,0 +1,73 @@
+"""Errors a user can fix, and how the ranks of a launch agree that one happened.
+
+A ``UserError`` carries a message meant for a person (what is wrong, where, and the fix); it
+is printed as ``error: <message>`` with no traceback. At launch the problem is usually seen
+by several ranks at once (every data-reading rank validates the same data), or by one rank
+while the others wait for it in a collective. ``agree`` runs a block on every rank and then
+lets them settle, in one small collective, whether any rank failed: if one did, every rank
+raises a ``UserError`` with the message of the lowest failing rank, so rank 0 can print it
+once and every rank exits promptly instead of waiting forever for a peer that has given up.
+
+    loader = errors.agree(lambda: build_loader(...))   # every rank calls it, in the same order
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem the user caused and can fix; ``str(e)`` is the whole message."""
+
+
+class PeerError(UserError):
+    """Raised on the ranks that did not fail themselves: another rank's problem, same message."""
+
+
+def collective_device():
+    """Where the agreement tensor lives: NCCL only reduces CUDA tensors (this rank's GPU)."""
+    import torch
+    import torch.distributed as dist
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
+def agree(block: Callable[[], T], group=None) -> T:
+    """Run ``block`` here; then every rank of ``group`` learns whether any rank failed.
+
+    * nobody failed: returns ``block()``'s result;
+    * a ``UserError`` (or any exception) on some rank: that rank re-raises its own exception
+      (a bug keeps its traceback), every other rank raises ``PeerError`` with the message of
+      the lowest failing rank (``rank R: <message>`` for a non-user error).
+
+    Every rank of the group must call ``agree`` the same number of times, in the same order.
+    Without an initialised process group it simply runs ``block``.
+    """
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return block()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    failure: BaseException | None = None
+    result = None
+    try:
+        result = block()
+    except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
+        failure = e
+    dev = collective_device()
+    first = torch.tensor([rank if failure is not None else world], dtype=torch.int64, device=dev)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    src = int(first.item())
+    if src == world:
+        return result
+    text = ""
+    if rank == src:
+        text = str(failure) if isinstance(failure, UserError) else f"rank {rank}: {type(failure).__name__}: {failure}"
+    message = [text]
+    dist.broadcast_object_list(message, src=src, group=group, device=dev)
+    if failure is not None:
+        raise failure
+    raise PeerError(message[0])
