@@ -233,26 +233,25 @@ def _dry_config(tmp_path, data, **extra):
 
 
 def test_dry_run_counts_steps_and_fails_like_the_launch_on_eval_data(tmp_path, capsys):
-    import train_pp
+    from ppllm.train import main
     data = tmp_path / "four.jsonl"
     data.write_text("\n".join(json.dumps({"type": "pretrain", "text": long_text(8, i)}) for i in range(4)))
     bad = tmp_path / "eval.jsonl"
     bad.write_text('{"type": "pretrain", "text": "fine"}\n{"type": "instruct", "instruct": "x"}\n')
     cfg = _dry_config(tmp_path, data, eval_data_path=str(data))
-    assert train_pp.main(["--config", str(cfg), "--dry-run"]) == 0
+    assert main(str(cfg), [], dry=True) == 0
     out = capsys.readouterr().out
     assert "would train 1 optimizer steps: 1 pass(es) over 1 rows at 4 rows per step" in out
     assert "eval data: 4 samples" in out and "evaluation: 1 step(s) over 1 rows" in out
-    assert train_pp.main(["--config", str(cfg), "--dry-run", "--set", "n_epoches=10"]) == 0
+    assert main(str(cfg), ["n_epoches=10"], dry=True) == 0
     assert "would train 3 optimizer steps" in capsys.readouterr().out  # ceil(10 * 1 / 4)
-    assert train_pp.main(["--config", str(cfg), "--dry-run", "--set", f"eval_data_path={bad}"]) == 2
+    assert main(str(cfg), [f"eval_data_path={bad}"], dry=True) == 2
     out = capsys.readouterr().out
     assert f"error: eval data (eval_data_path): 1 bad sample(s)" in out and f"{bad}:2: " in out
     assert "would train" not in out
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"type": "instruct", "instruct": long_text(400), "output": "ok"}) + "\n")
-    assert train_pp.main(["--config", str(cfg), "--dry-run", "--set", f"data_path={empty}",
-                          "--set", "overlong=drop"]) == 2
+    assert main(str(cfg), [f"data_path={empty}", "overlong=drop"], dry=True) == 2
     out = capsys.readouterr().out
     assert "error: no trainable samples in" in out and "1 longer than max_seq_len 256 and dropped" in out
 
@@ -283,6 +282,7 @@ def _agree_worker(rank, world, port, out_dir):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.multiprocess
 def test_agree_every_rank_learns_the_lowest_failing_ranks_message(tmp_path):
     import torch.multiprocessing as mp
 

@@ -13,6 +13,8 @@ import yaml
 
 from tests.helpers import DEEPSPEED, PY, REPO, free_port, launch, read_metrics, run, tiny_pipeline_model
 
+pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
+
 TEXTS = ["The lighthouse keeper counted the ships every evening.",
          "Maria planted tomatoes, beans and basil behind the kitchen.",
          "The train to the coast leaves at nine and arrives before noon.",
