@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 from ppllm.ds_sections import check_sections
+from ppllm.errors import UserError
 from ppllm.lora import LoraConfig
 from ppllm.partition import parts_problems
 from ppllm.paths import layer_file
@@ -210,12 +211,15 @@ def describe_config(markdown: bool = True) -> str:
     return "\n".join(f"{k:<{width}}  {d:<12} {m}" for k, d, m in rows)
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n" +
-                         "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:  # the usual case: one line
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problems in the config:\n" +
+                             "\n".join(f"  - {p}" for p in problems))
 
 
 class Config:

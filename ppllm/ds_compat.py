@@ -38,7 +38,7 @@ import deepspeed  # noqa: E402
 
 check_version(deepspeed.__version__)
 
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: E402,F401
+from deepspeed.pipe import PipelineModule, TiedLayerSpec  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology  # noqa: E402
 from deepspeed.runtime.utils import partition_balanced as _partition_balanced  # noqa: E402
 from deepspeed.runtime.utils import partition_uniform as _partition_uniform  # noqa: E402

@@ -7,7 +7,8 @@ import os
 import torch
 from torch import nn
 
-from ppllm import ds_compat
+from ppllm import ds_compat, errors
+from ppllm.errors import UserError
 from ppllm.ds_compat import TiedLayerSpec
 from ppllm.paths import layer_file
 
@@ -36,26 +37,32 @@ class PipeModel(ds_compat.BoundedPipelineModule):
         ds_compat.count_in_clip_norm(self)
 
     def load_layer_files(self, directory: str) -> None:
-        """Strictly load this stage's layer files, then re-sync tied weights."""
-        for index, layer in self.local_layers():
-            load_layer(layer, directory, index)
+        """Strictly load this stage's layer files, then re-sync tied weights. Every rank calls this; a
+        missing or damaged file on any stage stops every rank with that file's one-line message."""
+        errors.agree(lambda: [load_layer(layer, directory, index) for index, layer in self.local_layers()])
         self.sync_tied_weights()
+
+
+class CheckpointError(UserError):
+    """A layer file that is missing, unreadable or of another model; the message names it and the fix."""
 
 
 def load_layer(module: nn.Module, directory: str, index: int) -> None:
     path = layer_file(directory, index)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the pipeline folder is incomplete "
-                                f"(re-run convert_model.py hg_to_pp, or gather the files every stage wrote)")
+        raise CheckpointError(f"{path} is missing: the pipeline folder is incomplete "
+                              f"(re-run convert_model.py hg_to_pp, or gather the files every stage wrote)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise RuntimeError(f"{path} is not a readable layer file (truncated or corrupt: {str(e)[:200]}); "
-                           f"restore it, or re-create the folder with convert_model.py hg_to_pp") from e
+        first = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path} is not a readable layer file (truncated or corrupt: {first}); "
+                              f"restore it, or re-create the folder with convert_model.py hg_to_pp") from e
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".lora_" not in k]  # adapters are not in base weights
     if missing or unexpected:
-        raise KeyError(f"{path}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+        raise CheckpointError(f"{path}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}; "
+                              f"it belongs to another model than config.json describes")
 
 
 class SequentialModel(nn.Module):

@@ -25,10 +25,11 @@ import os
 import torch
 
 from ppllm import ds_compat
+from ppllm.errors import UserError
 from ppllm.paths import PARTITION_FILE, ds_model_states_file, param_index_file
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint that this config cannot continue from; the message says why and what to do."""
 
 

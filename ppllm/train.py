@@ -343,14 +343,10 @@ def main(config: str, overrides: list[str], dry: bool = False, plan: bool = Fals
         return 2
     try:
         note = check_resume(cfg)
-    except reshard.ResumeError as e:
-        log0(f"error: {e}")
-        return 2
-    if note:
-        log0(note)
-    try:
+        if note:
+            log0(note)
         train(cfg, quiet=quiet)
-    except UserError as e:  # already agreed by every rank: one line, from rank 0, and a non-zero exit
-        log0(f"error: {e}")
+    except UserError as e:  # config, resume, data, checkpoint: agreed by every rank (ppllm.errors.agree)
+        log0(f"error: {e}")  # one line, from rank 0, and a non-zero exit
         return 2
     return 0

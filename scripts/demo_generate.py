@@ -1,8 +1,5 @@
 """make demo, last step: load the exported checkpoint with transformers and generate."""
 import argparse
-import os
-import sys
-
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

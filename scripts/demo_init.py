@@ -1,8 +1,6 @@
 """make demo, step 1: a SentencePiece tokenizer trained on the shipped samples and a tiny llama."""
 import argparse
-import os
 import shutil
-import sys
 
 from ppllm.tiny import make_llama, sample_texts, train_sentencepiece
 

@@ -77,7 +77,8 @@ def test_lost_rank_stops_every_rank(tiny, victim, sig):
 
 @pytest.mark.timeout(STARTUP + BOUND + 60)
 def test_rank_failing_to_load_weights_stops_every_rank(tiny):
-    """A corrupt layer file on the last stage: rank 1 raises while loading, rank 0 waits in a collective."""
+    """A corrupt layer file on the last stage: rank 1 fails while loading; both ranks agree on it
+    (ppllm.errors.agree), rank 0 prints the one-line message, and both exit 2."""
     root, pp, data = tiny
     import shutil
     bad = root / "pp_corrupt"
@@ -92,9 +93,12 @@ def test_rank_failing_to_load_weights_stops_every_rank(tiny):
         assert all(e is not None for e in ends), "a rank hangs:\n" + _report(procs)
         print(f"\ncorrupt {last}: ranks exited {ends[0] - t0:.1f} s / {ends[1] - t0:.1f} s after launch, "
               f"{abs(ends[0] - ends[1]):.1f} s apart: {_watchdog_lines(procs[0])}")
-        assert all(p.proc.returncode != 0 for p in procs), _report(procs)
-        assert last in procs[1].text, _report(procs)  # the failing rank's own traceback names the file
-        assert "rank 1 (host " in procs[0].text and "failed with" in procs[0].text, _report(procs)
+        assert all(p.proc.returncode == 2 for p in procs), _report(procs)
+        # the ranks agree on the failure: rank 0 prints the failing rank's message once, as one line
+        said = [line for line in procs[0].text.splitlines() if line.startswith("error: ")]
+        assert len(said) == 1 and last in said[0] and "is not a readable layer file" in said[0], _report(procs)
+        assert not any(line.startswith("error: ") for line in procs[1].text.splitlines()), _report(procs)
+        assert all("Traceback" not in p.text for p in procs), _report(procs)
         assert abs(ends[0] - ends[1]) < BOUND
     finally:
         _cleanup(procs)
