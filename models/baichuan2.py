@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (Embed, FinalNorm, GatedMLP, RMSNorm, StageContext, TokenLoss, check_stage_tuple,
+from .common import (Embed, FinalNorm, GatedMLP, HeadOutput, RMSNorm, StageContext, TokenLoss, check_stage_tuple,
                      rope_rotate_half_fp32)
 from .family import Family, KeyMap, LayerSpec, init_linear_
 from .llama import LlamaArgs
@@ -60,7 +60,7 @@ class NormHead(Embed):
 
     def forward(self, inputs):
         h, _, _ = inputs
-        return F.linear(h, F.normalize(self.weight, dim=-1))
+        return HeadOutput(h, F.normalize(self.weight, dim=-1))
 
 
 class Baichuan2Family(Family):
