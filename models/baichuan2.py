@@ -14,7 +14,7 @@ from torch import nn
 
 from .common import (Embed, FinalNorm, GatedMLP, HeadOutput, RMSNorm, StageContext, TokenLoss, check_stage_tuple,
                      rope_rotate_half_fp32)
-from .family import Family, KeyMap, LayerSpec, init_linear_
+from .family import Family, KeyMap, Layer, init_linear_, layer
 from .llama import LlamaArgs
 
 
@@ -83,9 +83,9 @@ class Baichuan2Family(Family):
             initializer_range=cfg.get("initializer_range", 0.02), hf_config=hf,
             z_loss_weight=float(cfg.get("z_loss_weight", 0.0) or 0.0))
 
-    def layer_specs(self, a: BaichuanArgs, ctx: StageContext) -> list:
-        return ([LayerSpec(Embed, a)] + [LayerSpec(BaichuanDecoderLayer, a, ctx) for _ in range(a.num_layers)]
-                + [LayerSpec(FinalNorm, a), LayerSpec(NormHead, a)])
+    def layers(self, a: BaichuanArgs, ctx: StageContext) -> list[Layer]:
+        return ([layer(Embed, a)] + [layer(BaichuanDecoderLayer, a, ctx) for _ in range(a.num_layers)]
+                + [layer(FinalNorm, a), layer(NormHead, a)])
 
     def key_map(self, a: BaichuanArgs) -> KeyMap:
         return KeyMap([("model.embed_tokens.", "embed."), ("model.layers.{}.", "layers.{}."),

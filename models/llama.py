@@ -14,7 +14,7 @@ from torch import nn
 
 from .common import (Embed, FinalNorm, GatedMLP, Head, ModelArgs, RMSNorm, RopeCache, StageContext, check_stage_tuple,
                      default_inv_freq, rope_rotate_half, tied_head_forward)
-from .family import Family, KeyMap, LayerSpec, TiedLayerSpec, init_linear_
+from .family import Family, KeyMap, Layer, init_linear_, layer, tied_layer
 
 
 @dataclass(kw_only=True)
@@ -105,19 +105,12 @@ class LlamaFamily(Family):
     def is_tied(self, a: LlamaArgs) -> bool:
         return a.tie_word_embeddings
 
-    def layer_specs(self, a: LlamaArgs, ctx: StageContext) -> list:
-        specs: list = []
-        if a.tie_word_embeddings:
-            specs.append(TiedLayerSpec("embed", Embed, a, tied_weight_attr="weight"))
-        else:
-            specs.append(LayerSpec(Embed, a))
-        specs += [LayerSpec(LlamaDecoderLayer, a, ctx) for _ in range(a.num_layers)]
-        specs.append(LayerSpec(FinalNorm, a))
-        if a.tie_word_embeddings:
-            specs.append(TiedLayerSpec("embed", Embed, a, forward_fn=tied_head_forward, tied_weight_attr="weight"))
-        else:
-            specs.append(LayerSpec(Head, a))
-        return specs
+    def layers(self, a: LlamaArgs, ctx: StageContext) -> list[Layer]:
+        tied = a.tie_word_embeddings
+        return ([tied_layer("embed", Embed, a) if tied else layer(Embed, a)]
+                + [layer(LlamaDecoderLayer, a, ctx) for _ in range(a.num_layers)]
+                + [layer(FinalNorm, a),
+                   tied_layer("embed", Embed, a, forward_fn=tied_head_forward) if tied else layer(Head, a)])
 
     def key_map(self, a: LlamaArgs) -> KeyMap:
         rules = [
