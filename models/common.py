@@ -366,9 +366,9 @@ def next_token_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
 
 
 def _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale: float, z_coef: float, chunk: int,
-                            want_h: bool, want_w: bool, grad_scale=1.0):
+                            want_h: bool, want_w: bool):
     """Loss ``ce_scale * sum(CE over labels != -100) + z_coef * sum(max(logits)^2 over zmask)`` and,
-    if asked, its gradients w.r.t. h and w times ``grad_scale``, ``chunk`` tokens at a time.
+    if asked, its gradients w.r.t. h and w (for an incoming gradient of 1), ``chunk`` tokens at a time.
     The per-chunk arithmetic is autograd's for ``F.linear(h, w).float()`` followed by the loss."""
     N = h_NH.shape[0]
     total = torch.zeros((), dtype=torch.float32, device=h_NH.device)
@@ -390,11 +390,11 @@ def _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale: float, z_co
         if not (want_h or want_w):
             continue
         g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-        row = ce_scale * grad_scale * valid.to(torch.float32)
+        row = ce_scale * valid.to(torch.float32)
         g.mul_(row[:, None])
         g.scatter_add_(1, y_safe[:, None], -row[:, None])
         if zmask_N is not None:
-            g.scatter_add_(1, zarg[:, None], (2.0 * z_coef * grad_scale * zmax * zm)[:, None])
+            g.scatter_add_(1, zarg[:, None], (2.0 * z_coef * zmax * zm)[:, None])
         g = g.to(h_NH.dtype)
         if want_h:
             gh[s:e] = g @ w_VH
@@ -404,25 +404,94 @@ def _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale: float, z_co
     return total, gh, gw
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """The head matmul and the loss as one function over token chunks.
+def _loss_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale: float, z_coef: float, vchunk: int):
+    """The same loss over vocabulary chunks (an online logsumexp): returns it with what backward
+    needs per token (logsumexp, and the max logit and its index for the z-loss)."""
+    N, V = h_NH.shape[0], w_VH.shape[0]
+    dev = h_NH.device
+    run_max = torch.full((N,), float("-inf"), device=dev)
+    run_sum = torch.zeros(N, device=dev)
+    target = torch.zeros(N, device=dev)
+    zarg = torch.zeros(N, dtype=torch.long, device=dev)
+    valid = labels_N != -100
+    for v0 in range(0, V, vchunk):
+        v1 = min(V, v0 + vchunk)
+        logits = F.linear(h_NH, w_VH[v0:v1]).float()  # [N, v]
+        c_max, c_arg = logits.max(dim=-1)
+        new_max = torch.maximum(run_max, c_max)
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(-1)
+        zarg = torch.where(c_max > run_max, c_arg + v0, zarg)  # the first maximum, as torch.max
+        run_max = new_max
+        inside = valid & (labels_N >= v0) & (labels_N < v1)
+        local = torch.where(inside, labels_N - v0, 0)
+        target = torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), target)
+        del logits
+    lse = run_max + torch.log(run_sum)
+    loss = ce_scale * torch.where(valid, lse - target, 0.0).sum()
+    if zmask_N is not None:
+        loss = loss + z_coef * torch.where(zmask_N, run_max * run_max, 0.0).sum()
+    return loss, lse, run_max, zarg
 
-    fp32/bf16: the gradients are computed during forward, chunk by chunk, and only scaled by
-    the incoming gradient in backward (the head's matmuls run once, as unchunked). fp16: the
-    gradient must see the loss scale before it is cast, so backward recomputes each chunk."""
+
+def _grads_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, vchunk, lse, zmax, zarg,
+                    want_h: bool, want_w: bool, grad_scale):
+    """Gradients w.r.t. h and w, one vocabulary chunk of logits recomputed at a time: each row
+    block of w's gradient is one matmul over all tokens (as unchunked), h's gradient is summed
+    over the chunks in fp32."""
+    N, V = h_NH.shape[0], w_VH.shape[0]
+    valid = labels_N != -100
+    gh = torch.zeros(h_NH.shape, dtype=torch.float32, device=h_NH.device) if want_h else None
+    gw = torch.empty_like(w_VH) if want_w else None
+    ce = ce_scale * grad_scale
+    row = ce * valid.to(torch.float32)
+    zg = 2.0 * z_coef * grad_scale * zmax * zmask_N if zmask_N is not None else None
+    for v0 in range(0, V, vchunk):
+        v1 = min(V, v0 + vchunk)
+        g = F.linear(h_NH, w_VH[v0:v1]).float().sub_(lse[:, None]).exp_().mul_(row[:, None])
+        inside = (valid & (labels_N >= v0) & (labels_N < v1)).nonzero().squeeze(1)
+        g.index_put_((inside, labels_N[inside] - v0), -row[inside], accumulate=True)
+        if zg is not None:
+            zin = (zmask_N & (zarg >= v0) & (zarg < v1)).nonzero().squeeze(1)
+            g.index_put_((zin, zarg[zin] - v0), zg[zin], accumulate=True)
+        g = g.to(h_NH.dtype)
+        if want_w:
+            gw[v0:v1] = g.t() @ h_NH
+        if want_h:
+            gh += (g @ w_VH[v0:v1]).float()
+        del g
+    return (gh.to(h_NH.dtype) if want_h else None), gw
+
+
+def early_gradients(n_tokens: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Take the gradients during forward (token chunks, the head's matmuls once) when the V x H
+    buffers that costs stay under a quarter of the unchunked loss's logits, else recompute the
+    logits in backward by vocabulary chunks. fp16 always recomputes: its gradient must see the
+    loss scale before it is cast."""
+    if dtype == torch.float16:
+        return False
+    b = dtype.itemsize
+    extra_per_vocab = (b + (4 if b != 4 else 0)) * hidden  # kept gradient + its fp32 sum
+    return 4 * extra_per_vocab <= n_tokens * (b + 8)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """The head matmul and the loss as one function over chunks; see :func:`early_gradients`
+    for its two ways. Neither holds more than one chunk of fp32 logits."""
 
     @staticmethod
-    def forward(ctx, h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, chunk):
+    def forward(ctx, h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, chunk_bytes):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        early = (want_h or want_w) and h_NH.dtype != torch.float16
-        loss, gh, gw = _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, chunk,
-                                               want_h and early, want_w and early)
-        ctx.early = early
-        ctx.args = (ce_scale, z_coef, chunk)
-        if early:
-            ctx.save_for_backward(gh if want_h else None, gw.to(w_VH.dtype) if want_w else None)
-        else:
-            ctx.save_for_backward(h_NH, w_VH, labels_N, zmask_N)
+        N, V = h_NH.shape[0], w_VH.shape[0]
+        ctx.early = (want_h or want_w) and early_gradients(N, h_NH.shape[1], h_NH.dtype)
+        ctx.args = (ce_scale, z_coef, max(16, chunk_bytes // (4 * max(1, N))))  # vocabulary entries per chunk
+        if ctx.early or not (want_h or want_w):
+            loss, gh, gw = _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef,
+                                                   loss_chunk_tokens(V, chunk_bytes), want_h and ctx.early,
+                                                   want_w and ctx.early)
+            ctx.save_for_backward(gh, gw.to(w_VH.dtype) if gw is not None else None)
+            return loss
+        loss, lse, zmax, zarg = _loss_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, ctx.args[2])
+        ctx.save_for_backward(h_NH, w_VH, labels_N, zmask_N, lse, zmax, zarg)
         return loss
 
     @staticmethod
@@ -432,11 +501,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             gh = gh * grad_loss.to(gh.dtype) if gh is not None else None
             gw = gw * grad_loss.to(gw.dtype) if gw is not None else None
         else:
-            h, w, labels, zmask = ctx.saved_tensors
-            ce_scale, z_coef, chunk = ctx.args
-            _, gh, gw = _chunked_loss_and_grads(h, w, labels, zmask, ce_scale, z_coef, chunk,
-                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_loss)
-            gw = gw.to(w.dtype) if gw is not None else None
+            h, w, labels, zmask, lse, zmax, zarg = ctx.saved_tensors
+            ce_scale, z_coef, vchunk = ctx.args
+            gh, gw = _grads_by_vocab(h, w, labels, zmask, ce_scale, z_coef, vchunk, lse, zmax, zarg,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_loss)
         return gh, gw, None, None, None, None, None
 
 
@@ -501,8 +569,8 @@ class TokenLoss:
         zmask_N = zmask_BS.reshape(-1) if zmask_BS is not None else None
         if isinstance(outputs, HeadOutput):
             h, w = outputs
-            chunk = loss_chunk_tokens(w.shape[0], self.chunk_bytes)
-            return _ChunkedHeadLoss.apply(h.reshape(-1, h.shape[-1]), w, labels_N, zmask_N, ce_scale, z_coef, chunk)
+            return _ChunkedHeadLoss.apply(h.reshape(-1, h.shape[-1]), w, labels_N, zmask_N, ce_scale, z_coef,
+                                          self.chunk_bytes)
         logits = outputs.float().flatten(0, 1)
         loss = ce_scale * F.cross_entropy(logits, labels_N, ignore_index=-100, reduction="sum")
         if zmask_N is not None:

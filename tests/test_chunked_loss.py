@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models import get_family
+from models import common
 from models.common import HeadOutput, TokenLoss, loss_chunk_tokens, next_token_mask
 from ppllm.engine import with_normaliser, z_positions
 from ppllm.pipeline import SequentialModel
@@ -49,10 +50,18 @@ def grads(loss, h, w):
     return loss.detach(), gh, gw
 
 
+@pytest.fixture(params=["early", "recompute"])
+def mode(request, monkeypatch):
+    """Both ways of the chunked loss: gradients in forward by token chunks, or recomputed in
+    backward by vocabulary chunks (chosen by size; forced here)."""
+    monkeypatch.setattr(common, "early_gradients", lambda *a: request.param == "early")
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["untied", "normhead"])
 @pytest.mark.parametrize("z_weight", [0.0, 0.3])
 @pytest.mark.parametrize("labels_form", ["plain", "normaliser"])
-def test_chunked_equals_unchunked_fp32(kind, z_weight, labels_form):
+def test_chunked_equals_unchunked_fp32(kind, z_weight, labels_form, mode):
     ids, pos, doc, labels = packed_batch(1)
     if labels_form == "plain":
         lab = labels
@@ -68,7 +77,7 @@ def test_chunked_equals_unchunked_fp32(kind, z_weight, labels_form):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=lambda m: f"{what}: {m}")
 
 
-def test_chunked_loss_without_grad_and_frozen_head():
+def test_chunked_loss_without_grad_and_frozen_head(mode):
     ids, pos, doc, labels = packed_batch(2)
     out, h, w = head_output("untied")
     ref = TokenLoss()(out.logits(), labels)
@@ -82,7 +91,8 @@ def test_chunked_loss_without_grad_and_frozen_head():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_low_precision_close_to_unchunked(dtype):
-    """bf16 takes the gradients in forward; fp16 recomputes them in backward under the loss scale."""
+    """bf16 takes the gradients in forward here; fp16 recomputes them in backward under the loss scale."""
+    assert common.early_gradients(58, H, dtype) == (dtype == torch.bfloat16)
     ids, pos, doc, labels = packed_batch(3)
     res = []
     for loss_fn, form in ((TokenLoss(0.2, chunk_bytes=SMALL_CHUNK), "chunked"), (TokenLoss(0.2), "logits")):
@@ -129,6 +139,13 @@ def test_z_loss_matches_hand_computed_reference_on_packed_rows():
     torch.testing.assert_close(total, unchunked, rtol=1e-6, atol=0)
 
 
+def test_way_is_chosen_by_size():
+    # llama-3 8B's head (H 4096): 4096 tokens per micro-batch recompute, 16384 take gradients early
+    assert not common.early_gradients(4096, 4096, torch.bfloat16)
+    assert common.early_gradients(16384, 4096, torch.bfloat16)
+    assert common.early_gradients(2048, 512, torch.float32) and not common.early_gradients(1 << 20, 64, torch.float16)
+
+
 def test_next_token_mask():
     doc = torch.tensor([[0, 0, 0, 1, 1, -1, -1], [0, 0, 0, 0, 0, 0, 0]])
     assert next_token_mask(doc).tolist() == [[True, True, False, True, False, False, False],
@@ -147,7 +164,7 @@ def tiny_args(family: str, **kw):
 
 @pytest.mark.parametrize("family,kw", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("bloom", {}),
                                        ("baichuan2", {})])
-def test_family_heads_chunked_equal_unchunked(family, kw):
+def test_family_heads_chunked_equal_unchunked(family, kw, mode):
     """Through the families' real layer lists: every parameter's gradient (the tied matrix gets
     both its embedding and its head part) equals the unchunked loss's."""
     fam, args = tiny_args(family, **kw)

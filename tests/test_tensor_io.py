@@ -98,3 +98,34 @@ def test_conversion_imports_no_deepspeed(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "HEAVY []" in p.stdout, p.stdout
     assert (tmp_path / "back" / "model.safetensors.index.json").exists()
+
+
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            rms_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(BASE, model_type="llama"),
+    dict(BASE, model_type="llama", num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rope_theta=5e5,
+         attention_bias=True, mlp_bias=True, initializer_range=0.01),
+    dict(BASE, model_type="mistral", num_key_value_heads=2, sliding_window=16),
+    dict(BASE, model_type="mistral", sliding_window=None),
+    dict(BASE, model_type="qwen2", num_key_value_heads=2, use_sliding_window=True, sliding_window=8),
+    dict(BASE, model_type="qwen2", num_key_value_heads=4, use_sliding_window=False, rope_theta=1e6),
+    dict(BASE, model_type="qwen2", use_sliding_window=False),  # kv heads left to qwen2's default
+])
+def test_plain_config_reading_equals_transformers(cfg):
+    """The converter reads a complete config.json without transformers; it must agree with it."""
+    from dataclasses import fields
+
+    from models import get_family
+    fam = get_family(cfg["model_type"])
+    plain, ref = fam.parse_config(cfg), fam.parse_with_transformers(cfg)
+    defaults_needed = cfg["model_type"] != "llama" and "num_key_value_heads" not in cfg
+    assert (plain.hf_config is None) != defaults_needed and ref.hf_config is not None
+    for f in fields(plain):
+        if f.name != "hf_config":
+            assert getattr(plain, f.name) == getattr(ref, f.name), f.name
+    torch.testing.assert_close(plain.make_rope().inv_freq, ref.make_rope().inv_freq, rtol=0, atol=0)
+    scaled = dict(cfg, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert fam.parse_config(scaled).hf_config is not None  # anything but the default rope: transformers
