@@ -105,7 +105,8 @@ def loss_memory(a) -> None:
                                                   intermediate_size=4 * a.loss_hidden, num_hidden_layers=1,
                                                   num_attention_heads=8, rms_norm_eps=1e-5))
     s = Setup(pipe=1, data=1, micro_batch=1, grad_accum=1, seq_len=a.loss_seq, precision="fp32")
-    log(f"planner estimate: chunked {head_loss_bytes(margs, s) / 2**20:.0f} MiB, unchunked "
+    log(f"planner estimate: chunked {head_loss_bytes(margs, s) / 2**20:.0f} MiB + the head gradient "
+        f"{4 * a.loss_vocab * a.loss_hidden / 2**20:.0f} MiB (counted with the gradients there), unchunked "
         f"{head_loss_bytes(margs, s, chunked=False) / 2**20:.0f} MiB; {load_note()}")
     ratio = res["chunked"]["peak_mb"] / res["unchunked"]["peak_mb"]
     log(f"RESULT loss_memory_ratio={ratio:.3f} chunked_mb={res['chunked']['peak_mb']:.0f} "

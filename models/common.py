@@ -399,7 +399,10 @@ def _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale: float, z_co
         if want_h:
             gh[s:e] = g @ w_VH
         if want_w:
-            gw += (g.t() @ h_c).float()
+            if gw.dtype == g.dtype:
+                gw.addmm_(g.t(), h_c)
+            else:
+                gw += (g.t() @ h_c).float()
         del logits, g
     return total, gh, gw
 
@@ -462,12 +465,15 @@ def _grads_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, vchunk, lse
     return (gh.to(h_NH.dtype) if want_h else None), gw
 
 
-def early_gradients(n_tokens: int, hidden: int, dtype: torch.dtype) -> bool:
-    """Take the gradients during forward (token chunks, the head's matmuls once) when the V x H
-    buffers that costs stay under a quarter of the unchunked loss's logits, else recompute the
-    logits in backward by vocabulary chunks. fp16 always recomputes: its gradient must see the
-    loss scale before it is cast."""
-    if dtype == torch.float16:
+def early_gradients(n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
+                    chunk_bytes: int = LOSS_CHUNK_BYTES) -> bool:
+    """Take the gradients during forward (token chunks; the head's three matmuls, as unchunked)
+    when the micro-batch is a few token chunks and the V x H buffers that costs stay under a
+    quarter of the unchunked loss's logits; else recompute the logits in backward by vocabulary
+    chunks (a fourth matmul, but every matmul at full size: summing the head gradient over many
+    token chunks is memory-bound and measured slower). fp16 always recomputes: its gradient must
+    see the loss scale before it is cast."""
+    if dtype == torch.float16 or n_tokens > 4 * loss_chunk_tokens(vocab, chunk_bytes):
         return False
     b = dtype.itemsize
     extra_per_vocab = (b + (4 if b != 4 else 0)) * hidden  # kept gradient + its fp32 sum
@@ -482,13 +488,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, chunk_bytes):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, V = h_NH.shape[0], w_VH.shape[0]
-        ctx.early = (want_h or want_w) and early_gradients(N, h_NH.shape[1], h_NH.dtype)
+        ctx.early = (want_h or want_w) and early_gradients(N, h_NH.shape[1], V, h_NH.dtype, chunk_bytes)
         ctx.args = (ce_scale, z_coef, max(16, chunk_bytes // (4 * max(1, N))))  # vocabulary entries per chunk
         if ctx.early or not (want_h or want_w):
             loss, gh, gw = _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef,
                                                    loss_chunk_tokens(V, chunk_bytes), want_h and ctx.early,
                                                    want_w and ctx.early)
-            ctx.save_for_backward(gh, gw.to(w_VH.dtype) if gw is not None else None)
+            # not saved tensors: backward scales them in place and drops them (no second copy)
+            ctx.grads = (gh, gw.to(w_VH.dtype) if gw is not None else None)
             return loss
         loss, lse, zmax, zarg = _loss_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, ctx.args[2])
         ctx.save_for_backward(h_NH, w_VH, labels_N, zmask_N, lse, zmax, zarg)
@@ -497,9 +504,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.early:
-            gh, gw = ctx.saved_tensors
-            gh = gh * grad_loss.to(gh.dtype) if gh is not None else None
-            gw = gw * grad_loss.to(gw.dtype) if gw is not None else None
+            if ctx.grads is None:
+                raise RuntimeError("the chunked loss's gradients were already used: backward runs once per forward")
+            gh, gw = ctx.grads
+            ctx.grads = None
+            gh = gh.mul_(grad_loss.to(gh.dtype)) if gh is not None else None
+            gw = gw.mul_(grad_loss.to(gw.dtype)) if gw is not None else None
         else:
             h, w, labels, zmask, lse, zmax, zarg = ctx.saved_tensors
             ce_scale, z_coef, vchunk = ctx.args

@@ -7,9 +7,10 @@ tests/test_planner.py), per micro-batch of B x S tokens, in bytes:
     decoder layer  b * (9*B*S*H + 2*B*S*K*D + 4*B*S*I + 4*B*S*D) + 4*B*N*S + mask
     mask           4 * B * S * S   (SDPA with a document mask; none with flash-attn varlen)
     head + loss    chunked (models.common.TokenLoss), one chunk of fp32 logits at a time:
-                   with many tokens per micro-batch (early_gradients) both gradients are taken in
-                   forward and kept: b*B*S*H + b*V*H, + 4*V*H for their fp32 sum (bf16), + a chunk;
-                   else backward recomputes by vocabulary chunks: b*B*S*H + 4*B*S*H + b*V*H + a chunk
+                   with a few token chunks per micro-batch (early_gradients) both gradients are taken
+                   in forward: b*B*S*H, + 4*V*H for the head gradient's fp32 sum (bf16), + a chunk;
+                   else backward recomputes by vocabulary chunks: b*B*S*H + 4*B*S*H + a chunk
+                   (the head's own gradient, b*V*H, is counted with the gradients)
                    (unchunked it was B*S*V*(b + 8): logits, their fp32 copy and its gradient)
     with use_grad_ckpt a layer keeps only its input, b * B*S*H, plus one layer's
     full activations while it is recomputed.
@@ -99,12 +100,15 @@ def head_loss_bytes(margs: ModelArgs, s: Setup, chunked: bool = True) -> int:
     if not chunked:
         return N * V * (b + 8)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
-    if early_gradients(N, H, dtype):  # both gradients from forward to backward, token chunks
+    # the head matrix's gradient (b*V*H) is not counted here: it is the parameter's gradient, which
+    # the unchunked loss makes too and estimate() counts with the gradients
+    if early_gradients(N, H, V, dtype):  # token chunks, both gradients taken in forward
         c = min(N, loss_chunk_tokens(V))
-        fp32_sum = 4 * V * H if b != 4 else 0  # the head gradient's fp32 sum (in fp32 it is the gradient)
-        return b * N * H + b * V * H + fp32_sum + c * V * (4 + b)
-    # recomputed in backward by vocabulary chunks: h, h's fp32 gradient sum, the head gradient, a chunk
-    return b * N * H + 4 * N * H + b * V * H + LOSS_CHUNK_BYTES * (4 + b) // 4
+        fp32_sum = 4 * V * H if b != 4 else 0  # the head gradient's fp32 sum (bf16)
+        return b * N * H + fp32_sum + c * V * (4 + b)
+    # recomputed in backward by vocabulary chunks: h's gradient and its fp32 sum, one chunk
+    vc = min(V, max(16, LOSS_CHUNK_BYTES // (4 * N)))
+    return b * N * H + 4 * N * H + N * vc * (4 + b)
 
 
 def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:

@@ -92,7 +92,7 @@ def test_chunked_loss_without_grad_and_frozen_head(mode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_low_precision_close_to_unchunked(dtype):
     """bf16 takes the gradients in forward here; fp16 recomputes them in backward under the loss scale."""
-    assert common.early_gradients(58, H, dtype) == (dtype == torch.bfloat16)
+    assert common.early_gradients(58, H, V, dtype, SMALL_CHUNK) == (dtype == torch.bfloat16)
     ids, pos, doc, labels = packed_batch(3)
     res = []
     for loss_fn, form in ((TokenLoss(0.2, chunk_bytes=SMALL_CHUNK), "chunked"), (TokenLoss(0.2), "logits")):
@@ -140,10 +140,11 @@ def test_z_loss_matches_hand_computed_reference_on_packed_rows():
 
 
 def test_way_is_chosen_by_size():
-    # llama-3 8B's head (H 4096): 4096 tokens per micro-batch recompute, 16384 take gradients early
-    assert not common.early_gradients(4096, 4096, torch.bfloat16)
-    assert common.early_gradients(16384, 4096, torch.bfloat16)
-    assert common.early_gradients(2048, 512, torch.float32) and not common.early_gradients(1 << 20, 64, torch.float16)
+    # a few token chunks with a small head gradient: early; llama-3's vocabulary: many chunks, recompute
+    assert common.early_gradients(512, 256, 8016, torch.float32)
+    assert not common.early_gradients(2048, 512, 128256, torch.float32)
+    assert not common.early_gradients(512, 4096, 8016, torch.bfloat16)  # V x H would outweigh the logits
+    assert not common.early_gradients(512, 64, 2000, torch.float16)
 
 
 def test_next_token_mask():
