@@ -29,6 +29,7 @@ backward, one process each, fp32 on the CPU) chunked and unchunked, at ``--loss-
     python bench/pipeline_efficiency.py [--micro-batches 8] [--steps 10] [--hidden 256] [--layers 8] [--profile]
     python bench/pipeline_efficiency.py --vocab 8016                 # the large-vocabulary case
     python bench/pipeline_efficiency.py --loss-memory                # vocab 128256, hidden 512, seq 2048
+    python bench/pipeline_efficiency.py --calibrate                  # head + loss vs a decoder layer, timed
 
 The last line is ``RESULT pipeline_efficiency=<fraction> ...``.
 """
@@ -113,6 +114,43 @@ def loss_memory(a) -> None:
         f"unchunked_mb={res['unchunked']['peak_mb']:.0f} time_ratio={res['chunked']['seconds'] / res['unchunked']['seconds']:.3f}")
 
 
+def calibrate() -> None:
+    """One decoder layer and the head + loss, forward + backward, timed (best of 5, one thread)
+    against the cost model's ratio (ppllm.partition.layer_costs)."""
+    import time
+
+    import torch
+
+    from models import get_family
+    from models.common import StageContext, TokenLoss
+    from ppllm.partition import layer_costs
+    torch.set_num_threads(1)
+    fam = get_family("llama")
+
+    def best(fn, n=5):
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+    for H, V, S, B in ((256, 2000, 256, 2), (256, 8016, 256, 2), (512, 16032, 256, 1)):
+        margs = fam.parse_config(dict(model_type="llama", vocab_size=V, hidden_size=H, rms_norm_eps=1e-5,
+                                      intermediate_size=int(H * 2.75) // 8 * 8, num_hidden_layers=1,
+                                      num_attention_heads=H // 32, num_key_value_heads=H // 64))
+        layers = fam.layers(margs, StageContext())
+        dec, head = layers[1].build(), layers[3].build()
+        x = torch.randn(B, S, H, requires_grad=True)
+        pos, doc = torch.arange(S).expand(B, S), torch.zeros(B, S, dtype=torch.long)
+        labels = torch.randint(0, V, (B, S))
+        t_dec = best(lambda: dec((x, pos, doc))[0].sum().backward())
+        t_head = best(lambda: TokenLoss()(head((x, pos, doc)), labels).backward())
+        costs = layer_costs(fam, margs, S)
+        log(f"hidden {H}, vocab {V}, {B} x {S} tokens: decoder {t_dec * 1e3:.1f} ms, head + loss "
+            f"{t_head * 1e3:.1f} ms: measured head/decoder {t_head / t_dec:.3f}, cost model "
+            f"{costs[3] / costs[1]:.3f}; {load_note()}")
+
+
 def stage_split(pp_dir: str, seq: int, mbs: int, gas: int) -> str:
     """The stages parts: auto picks for pipe=2 and each one's share of the cost model."""
     from models import load_family
@@ -143,12 +181,16 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="time every pipeline instruction per rank (ms per step)")
     p.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: the tokenizer's, 2000)")
     p.add_argument("--loss-memory", action="store_true", help="only measure the head + loss peak memory")
+    p.add_argument("--calibrate", action="store_true", help="only time one decoder layer and the head + loss "
+                   "against the cost model")
     p.add_argument("--loss-vocab", type=int, default=128256)
     p.add_argument("--loss-hidden", type=int, default=512)
     p.add_argument("--loss-seq", type=int, default=2048)
     a = p.parse_args()
     if a.loss_memory:
         return loss_memory(a)
+    if a.calibrate:
+        return calibrate()
     m = a.micro_batches
 
     tmp = a.keep or tempfile.mkdtemp(prefix="bench_pipe_")

@@ -59,24 +59,20 @@ def parts_problems(parts: Sequence[int], num_layers: int | None, pipe: int) -> l
     return problems
 
 
-#: the loss's elementwise work (softmax, exp, the gather of the target) per token and vocabulary entry, in
-#: matmul-FLOP equivalents: a CPU profile of head + loss against its two matmuls put it at 18-26 % of
-#: the matmul time at hidden 256-512 (BENCHMARKS.md, pipeline_efficiency.py), i.e. ~6 x 64 per logit
-LOSS_FLOPS_PER_LOGIT = 6 * 64
-
-
 def layer_costs(family, args: Any, seq_len: int = 2048, flash: bool = False) -> list[float]:
     """Training FLOPs per token of each pipeline layer (forward + backward), the compute that
     ``parts: auto`` balances.
 
     * decoder: 6 x its parameters (the matmuls) + 12 x seq x (heads x head dim) for attention
       (SDPA with a document mask computes the full S x S; flash-attn's causal kernels half of it);
-    * head + loss: 6 x V x H (logits and both gradients; the same for a tied head) plus the loss's
-      elementwise work over V (``LOSS_FLOPS_PER_LOGIT``);
+    * head + loss: 6 x V x H (logits and both gradients; the same for a tied head);
     * embedding: a gather (2 % of a decoder layer); norms: negligible.
 
-    Against a measured timing of one layer of each kind (CPU, 1 thread; BENCHMARKS.md) these
-    ratios came within 4-13 %; the parameter count alone overpriced the head by 18-35 %.
+    Calibration (BENCHMARKS.md, "Balance"): a timing of one decoder layer and of head + loss
+    (forward + backward, CPU, one thread) at hidden 256/512 and vocabularies 2000-16032 gave
+    head/decoder ratios within 0-15 % of these FLOP ratios; the loss's elementwise work (18-26 %
+    of the head's matmul time) is about matched by the decoder's own (norms, rope, softmax), so
+    neither gets an extra term. The parameter count alone overpriced the head by 18-35 %.
     """
     counts = family.layer_param_counts(args)
     kinds = family.layer_kinds(args)
@@ -92,5 +88,5 @@ def layer_costs(family, args: Any, seq_len: int = 2048, flash: bool = False) -> 
         elif k == "norm":
             costs.append(0.0)
         else:  # the head and the loss
-            costs.append(6.0 * V * H + LOSS_FLOPS_PER_LOGIT * V)
+            costs.append(6.0 * V * H)
     return costs
