@@ -335,8 +335,9 @@ def _repeat_kv(x_BKSD: torch.Tensor, n_heads: int) -> torch.Tensor:
 # The head layer does not form the logits: it returns a HeadOutput (the final hidden state and
 # the [V, H] projection matrix it would multiply by), the only thing DeepSpeed hands the loss
 # function on the last stage. TokenLoss then computes cross entropy (and baichuan2's z-loss)
-# over chunks of tokens, so the fp32 logits of a whole micro-batch (B*S*V*4 bytes: 2 GB at
-# llama-3's vocabulary and seq 4096) never exist at once. Given plain logits (what
+# and their gradients over chunks of tokens or of the vocabulary (see early_gradients), so the
+# fp32 logits of a whole micro-batch (B*S*V*4 bytes: 2 GB at llama-3's vocabulary and seq 4096)
+# never exist at once. Given plain logits (what
 # ``HeadOutput.logits()`` or ``SequentialModel`` returns) it computes the same loss unchunked.
 
 
