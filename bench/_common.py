@@ -100,24 +100,26 @@ def tokenizer_vocab(tok_dir: str) -> int:
     return len(AutoTokenizer.from_pretrained(tok_dir))
 
 
-def make_models(root: str, tok_dir: str, seed: int = 0, **llama_kw) -> tuple[str, str]:
-    """A random llama as a HF folder (root/hf) and its pipeline folder (root/pp)."""
+def make_models(root: str, tok_dir: str, seed: int = 0, model_vocab: int | None = None,
+                **llama_kw) -> tuple[str, str]:
+    """A random llama as a HF folder (root/hf) and its pipeline folder (root/pp). ``model_vocab``
+    gives the model more vocabulary rows than the tokenizer has (a large-vocabulary head)."""
     from ppllm import convert as cm
     from ppllm.tiny import make_llama
     hf, pp = os.path.join(root, "hf"), os.path.join(root, "pp")
-    make_llama(hf, tokenizer_vocab(tok_dir), tokenizer_dir=tok_dir, seed=seed, **llama_kw)
+    make_llama(hf, max(model_vocab or 0, tokenizer_vocab(tok_dir)), tokenizer_dir=tok_dir, seed=seed, **llama_kw)
     cm.hg_to_pp(hf, pp, quiet=True)
     return hf, pp
 
 
 def setup_tiny(root: str, n_docs: int, mean_words: float, vocab_size: int = 2000, seed: int = 0,
-               **llama_kw) -> dict:
+               model_vocab: int | None = None, **llama_kw) -> dict:
     """Corpus + tokenizer + random llama (HF and pipeline folders) under root."""
     os.makedirs(root, exist_ok=True)
     data = os.path.join(root, "corpus.jsonl")
     texts = write_corpus(data, n_docs, mean_words, seed)
     tok = make_tokenizer(os.path.join(root, "tok"), texts, vocab_size)
-    hf, pp = make_models(root, tok, seed=seed, **llama_kw)
+    hf, pp = make_models(root, tok, seed=seed, model_vocab=model_vocab, **llama_kw)
     return {"data": data, "tok": tok, "hf": hf, "pp": pp, "root": root}
 
 

@@ -2,7 +2,7 @@
 
 A random llama checkpoint of about ``--size-gb`` (bf16, TinyLlama-like shapes: hidden 2048,
 32 heads / 4 kv heads, ffn 5632, vocab 32000; the layer count sets the size) is written
-shard by shard with safetensors, so the generator never holds more than one shard.
+tensor by tensor in a child process, so neither the generator nor this process holds more than one tensor.
 Then, each as its own process:
 
   * ``cp -r`` of the HF folder           vs  ``convert_model.py hg_to_pp`` of it;
@@ -17,6 +17,7 @@ deleted at the end; page cache is flushed with ``sync`` between runs (not timed)
 
     python bench/convert.py [--size-gb 2] [--small-gb 0.5] [--shard-mb 500]
     python bench/convert.py --size-gb 0.02 --small-gb 0 --hidden 256 --vocab 4000   # seconds, for smoke tests
+    python bench/convert.py --real-7b --tmp /tmp   # llama-2-7b shapes, 13.5 GB; writes ~45 GB, deleted after
 
 The last line is ``RESULT hg_to_pp_vs_cp=... pp_to_hg_vs_cp=... peak_rss_mb=... peak_rss_small_mb=...``.
 """
@@ -73,16 +74,43 @@ def _numel(shape) -> int:
 
 
 def generate(folder: str, cfg: dict, shard_bytes: int, seed: int = 0) -> int:
-    """Random bf16 checkpoint in safetensors shards + index; one shard in memory at a time. Returns bytes."""
-    import torch
-    from safetensors.torch import save_file
+    """Random bf16 checkpoint in safetensors shards + index, in a child process (so that this
+    process never holds torch or tensors: its memory would show in the children's peak RSS).
+    The child writes each shard tensor by tensor (one tensor in memory). Returns bytes."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    torch.manual_seed(seed)
-    shapes = tensor_shapes(cfg)
+    subprocess.run([PY, os.path.abspath(__file__), "--generate-into", folder, "--shard-bytes", str(shard_bytes),
+                    "--seed", str(seed)], cwd=REPO, env=run_env(threads=1), check=True)
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        return json.load(f)["metadata"]["total_size"]
+
+
+def _generate_child(folder: str, shard_bytes: int, seed: int) -> None:
+    import torch
+
+    from ppllm import tensor_io as tio
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    g = torch.Generator().manual_seed(seed)
+    block = (torch.randn(1 << 24, generator=g) * 0.02).to(torch.bfloat16)  # random values, tiled into tensors
+    state = {"at": 0}
+
+    def make(shape):
+        n = _numel(shape)
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=torch.bfloat16)
+        out = torch.empty(n, dtype=torch.bfloat16)
+        done = 0
+        while done < n:
+            k = min(n - done, block.numel() - state["at"])
+            out[done:done + k] = block[state["at"]:state["at"] + k]
+            done += k
+            state["at"] = (state["at"] + k) % block.numel()
+        return out.reshape(shape)
+
     groups, cur, cur_bytes = [], [], 0
-    for key, shape in shapes:
+    for key, shape in tensor_shapes(cfg):
         nbytes = 2 * _numel(shape)
         if cur and cur_bytes + nbytes > shard_bytes:
             groups.append(cur)
@@ -93,21 +121,12 @@ def generate(folder: str, cfg: dict, shard_bytes: int, seed: int = 0) -> int:
     weight_map, total = {}, 0
     for i, group in enumerate(groups):
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        shard = {}
-        for key, shape in group:
-            t = torch.empty(shape, dtype=torch.bfloat16)
-            if len(shape) == 1:
-                t.fill_(1.0)
-            else:
-                t.normal_(0.0, 0.02)
-            shard[key] = t
-            weight_map[key] = name
-        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in shard.values())
-        del shard
+        items = [(key, tio.Lazy(torch.bfloat16, shape, lambda shape=shape: make(shape))) for key, shape in group]
+        tio.write_safetensors(os.path.join(folder, name), items)
+        total += sum(2 * _numel(shape) for _, shape in group)
+        weight_map.update((key, name) for key, _ in group)
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return total
 
 
 def folder_bytes(folder: str) -> int:
@@ -121,7 +140,7 @@ def _status_kb(pid: int) -> dict[str, int]:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("RssAnon", "RssFile", "RssShmem"):
+                if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
                     out[key] = int(value.split()[0])
     except OSError:
         pass
@@ -131,20 +150,22 @@ def _status_kb(pid: int) -> dict[str, int]:
 def timed(cmd: list[str]) -> tuple[float, float, float, float]:
     """(wall seconds, peak RSS MB, peak anonymous RSS MB, peak file-backed RSS MB) of one child process.
 
-    Peak RSS is the kernel's ru_maxrss from os.wait4; the anonymous / file-backed split
-    (mmap'd checkpoint pages count as RSS too) is sampled from /proc every 20 ms.
+    Peak RSS is the larger of the kernel's ru_maxrss from os.wait4 and the last sample of the
+    process's own high-water mark (VmHWM); the anonymous / file-backed split (mmap'd checkpoint
+    pages count as RSS too) is sampled from /proc every 20 ms.
     """
     subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
     log_file = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(threads=1), stdout=log_file, stderr=subprocess.STDOUT)
-    anon = filed = 0
+    anon = filed = hwm = 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         st = _status_kb(proc.pid)
         anon, filed = max(anon, st.get("RssAnon", 0)), max(filed, st.get("RssFile", 0) + st.get("RssShmem", 0))
+        hwm = max(hwm, st.get("VmHWM", 0))
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     log_file.seek(0)
@@ -153,7 +174,7 @@ def timed(cmd: list[str]) -> tuple[float, float, float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
-    return wall, usage.ru_maxrss / 1024, anon / 1024, filed / 1024  # KiB on Linux
+    return wall, max(usage.ru_maxrss, hwm) / 1024, anon / 1024, filed / 1024  # KiB on Linux
 
 
 USERSPACE_COPY = ("import os, sys\n"
@@ -168,14 +189,22 @@ USERSPACE_COPY = ("import os, sys\n"
                   "            fo.write(b)\n")
 
 
-def bench_size(tmp: str, size_gb: float, a) -> dict:
-    layers = layers_for(size_gb, a.hidden, a.vocab)
-    cfg = llama_config(a.hidden, a.vocab, layers)
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+             "hidden_act": "silu", "initializer_range": 0.02}
+
+
+def bench_size(tmp: str, size_gb: float, a, cfg: dict | None = None) -> dict:
+    if cfg is None:
+        cfg = llama_config(a.hidden, a.vocab, layers_for(size_gb, a.hidden, a.vocab))
+    layers = cfg["num_hidden_layers"]
     hf, pp, back, copy = (os.path.join(tmp, n) for n in ("hf", "pp", "hf_back", "copy"))
     t0 = time.perf_counter()
     nbytes = generate(hf, cfg, a.shard_mb << 20)
     n_shards = sum(1 for n in os.listdir(hf) if n.endswith(".safetensors"))
-    log(f"checkpoint: llama hidden {a.hidden}, {layers} layers, vocab {a.vocab}, bf16: {nbytes / 1e9:.2f} GB in "
+    log(f"checkpoint: llama hidden {cfg['hidden_size']}, {layers} layers, vocab {cfg['vocab_size']}, bf16: {nbytes / 1e9:.2f} GB in "
         f"{n_shards} shard(s) (generated in {time.perf_counter() - t0:.1f} s)")
 
     r: dict = {"bytes": nbytes}
@@ -185,8 +214,9 @@ def bench_size(tmp: str, size_gb: float, a) -> dict:
     for _ in range(a.repeats):
         cp_hf.append(timed(["cp", "-r", hf, copy]))
         shutil.rmtree(copy)
-        user.append(timed([PY, "-c", USERSPACE_COPY, hf, copy]))
-        shutil.rmtree(copy)
+        if not a.real_7b:  # 13 GB more to write; the in-kernel cp is the baseline
+            user.append(timed([PY, "-c", USERSPACE_COPY, hf, copy]))
+            shutil.rmtree(copy)
         h2p.append(timed(converter + ["hg_to_pp", "--input-path", hf, "--save-path", pp, "--quiet", "--force"]))
         cp_pp.append(timed(["cp", "-r", pp, copy]))
         shutil.rmtree(copy)
@@ -195,7 +225,8 @@ def bench_size(tmp: str, size_gb: float, a) -> dict:
                          + extra))
         assert folder_bytes(back) >= nbytes, "pp_to_hg wrote fewer bytes than the source checkpoint"
         shutil.rmtree(back)
-    r.update(cp_hf=best(cp_hf), hg_to_pp=best(h2p), cp_pp=best(cp_pp), pp_to_hg=best(p2h), user=best(user),
+    r.update(cp_hf=best(cp_hf), hg_to_pp=best(h2p), cp_pp=best(cp_pp), pp_to_hg=best(p2h),
+             user=best(user) if user else None,
              pp_bytes=folder_bytes(pp))
     r["rss"] = max(x[1] for x in h2p + p2h)
     shutil.rmtree(pp)
@@ -205,16 +236,19 @@ def bench_size(tmp: str, size_gb: float, a) -> dict:
 
 def report(label: str, r: dict, startup: float) -> None:
     gb = r["bytes"] / 1e9
-    tu, tc = r["user"][0], r["cp_hf"][0]
-    log(f"{label}: cp -r {tc:.2f} s ({gb / tc:.2f} GB/s, in-kernel copy_file_range); python read/write copy of "
-        f"the same files {tu:.2f} s ({gb / tu:.2f} GB/s) = {tc / tu:.3f} x cp")
+    tc = r["cp_hf"][0]
+    if r["user"] is not None:
+        tu = r["user"][0]
+        log(f"{label}: cp -r {tc:.2f} s ({gb / tc:.2f} GB/s, in-kernel copy_file_range); python read/write copy "
+            f"of the same files {tu:.2f} s ({gb / tu:.2f} GB/s) = {tc / tu:.3f} x cp")
     for name, base in (("hg_to_pp", "cp_hf"), ("pp_to_hg", "cp_pp")):
         t, rss, anon, filed = r[name]
         tc = r[base][0]
         net = max(1e-3, t - startup)
         log(f"{label}: {name} {t:.2f} s ({gb / t:.2f} GB/s; {gb / net:.2f} GB/s without the {startup:.1f} s "
             f"start-up) peak RSS {rss:.0f} MB (sampled peaks: anonymous {anon:.0f} MB, file-backed {filed:.0f} MB) "
-            f"| cp {tc:.2f} s ({gb / tc:.2f} GB/s) | ratio {tc / t:.3f} (without start-up {tc / net:.3f})")
+            f"| cp {tc:.2f} s ({gb / tc:.2f} GB/s) | ratio {tc / t:.3f} (without start-up {tc / net:.3f}) "
+            f"| {t / 60:.2f} min")
 
 
 def main() -> None:
@@ -227,15 +261,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="best of N for every timed command")
     p.add_argument("--max-shard-size", default=None, help="pass --max-shard-size to pp_to_hg (default: its own, 2GB)")
     p.add_argument("--tmp", default="/tmp", help="where the work folder goes")
+    p.add_argument("--real-7b", action="store_true",
+                   help="a llama-2-7b-shaped checkpoint (6.7 B bf16 parameters, 13.5 GB in two ~10 GB/3.5 GB "
+                        "shards as the release ships) instead of --size-gb; needs ~45 GB free under --tmp")
+    p.add_argument("--generate-into", default=None, help=argparse.SUPPRESS)  # the generator child
+    p.add_argument("--shard-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.generate_into:
+        return _generate_child(a.generate_into, a.shard_bytes, a.seed)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # run_env would import torch here to find out
+    if a.real_7b:
+        a.shard_mb, a.small_gb, a.repeats = 9537, 0.0, 1  # 10 GB (decimal) shards
 
     tmp = tempfile.mkdtemp(prefix="bench_convert_", dir=a.tmp)
     try:
         # interpreter + imports of the converter alone, to tell start-up from streaming
         startup, base_rss, _, _ = timed([PY, "-c", "import convert_model"])
         log(f"converter start-up (python + imports): {startup:.2f} s, {base_rss:.0f} MB RSS; {load_note()}")
-        big = bench_size(tmp, a.size_gb, a)
-        report(f"{a.size_gb:g} GB", big, startup)
+        big = bench_size(tmp, a.size_gb, a, LLAMA2_7B if a.real_7b else None)
+        report("llama-2-7b shape" if a.real_7b else f"{a.size_gb:g} GB", big, startup)
         small = None
         if a.small_gb > 0:
             small = bench_size(tmp, a.small_gb, a)

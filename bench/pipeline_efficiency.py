@@ -17,9 +17,19 @@ Step times are the per-step ``step_time`` from metrics.jsonl, median over the st
 ``--warmup``, pooled over ``--rounds`` alternating single/pipe launches (the machine may be
 shared; alternating spreads background load over both).  1.0 means no loss beyond the
 bubble; what is lost is stage imbalance, activation send/recv and per-micro-batch overhead.
-``--profile`` adds per-rank milliseconds per step for each pipeline instruction.
+``--profile`` adds per-rank milliseconds per step for each pipeline instruction. The stage split
+``parts: auto`` chose is printed with each stage's share of the cost model
+(``ppllm.partition.layer_costs``). ``--vocab`` gives the model more vocabulary rows than the
+tokenizer (``--vocab 8016`` at hidden 256 is llama-3's vocabulary/hidden ratio, 128256 / 4096).
+
+``--loss-memory`` instead measures the peak memory of the head + loss alone (forward and
+backward, one process each, fp32 on the CPU) chunked and unchunked, at ``--loss-vocab`` x
+``--loss-hidden`` x ``--loss-seq`` tokens, against the planner's estimate.
 
     python bench/pipeline_efficiency.py [--micro-batches 8] [--steps 10] [--hidden 256] [--layers 8] [--profile]
+    python bench/pipeline_efficiency.py --vocab 8016                 # the large-vocabulary case
+    python bench/pipeline_efficiency.py --loss-memory                # vocab 128256, hidden 512, seq 2048
+    python bench/pipeline_efficiency.py --calibrate                  # head + loss vs a decoder layer, timed
 
 The last line is ``RESULT pipeline_efficiency=<fraction> ...``.
 """
@@ -57,6 +67,105 @@ def print_profile(label: str, folder: str) -> None:
         log(f"  {label} {name[:-5]}: {total * 1e3:.0f} ms per step = {cells}, other {other * 1e3:.0f} (ms)")
 
 
+LOSS_CHILD = """
+import resource, sys, time, torch
+torch.set_num_threads(1)
+from models.common import HeadOutput, TokenLoss
+mode, V, H, S = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+g = torch.Generator().manual_seed(0)
+h = torch.randn(1, S, H, generator=g).requires_grad_()
+w = (torch.randn(V, H, generator=g) * 0.02).requires_grad_()
+labels = torch.randint(0, V, (1, S), generator=g)
+w.grad = torch.zeros_like(w)  # the parameter gradient exists in training (accumulation): not the loss's memory
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+out = HeadOutput(h, w)
+loss = TokenLoss()(out if mode == "chunked" else out.logits(), labels)
+loss.backward()
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(f"RESULT peak_mb={(peak - base) / 1024:.1f} seconds={dt:.3f} loss={loss.item():.6f}")
+"""
+
+
+def loss_memory(a) -> None:
+    import subprocess
+
+    from _common import PY, REPO, run_env
+    res = {}
+    for mode in ("unchunked", "chunked"):
+        p = subprocess.run([PY, "-c", LOSS_CHILD, mode, str(a.loss_vocab), str(a.loss_hidden), str(a.loss_seq)],
+                           cwd=REPO, env=run_env(threads=1), capture_output=True, text=True, check=True)
+        line = p.stdout.strip().splitlines()[-1]
+        res[mode] = {k: float(v) for k, v in (x.split("=") for x in line.split()[1:])}
+        log(f"head + loss, {mode:9s}: peak {res[mode]['peak_mb']:.0f} MB above the inputs, "
+            f"{res[mode]['seconds']:.2f} s forward + backward, loss {res[mode]['loss']:.6f}")
+    from models import get_family
+    from ppllm.planner import Setup, head_loss_bytes
+    margs = get_family("llama").parse_config(dict(model_type="llama", vocab_size=a.loss_vocab, hidden_size=a.loss_hidden,
+                                                  intermediate_size=4 * a.loss_hidden, num_hidden_layers=1,
+                                                  num_attention_heads=8, rms_norm_eps=1e-5))
+    s = Setup(pipe=1, data=1, micro_batch=1, grad_accum=1, seq_len=a.loss_seq, precision="fp32")
+    log(f"planner estimate: chunked {head_loss_bytes(margs, s) / 2**20:.0f} MiB + the head gradient "
+        f"{4 * a.loss_vocab * a.loss_hidden / 2**20:.0f} MiB (counted with the gradients there), unchunked "
+        f"{head_loss_bytes(margs, s, chunked=False) / 2**20:.0f} MiB; {load_note()}")
+    ratio = res["chunked"]["peak_mb"] / res["unchunked"]["peak_mb"]
+    log(f"RESULT loss_memory_ratio={ratio:.3f} chunked_mb={res['chunked']['peak_mb']:.0f} "
+        f"unchunked_mb={res['unchunked']['peak_mb']:.0f} time_ratio={res['chunked']['seconds'] / res['unchunked']['seconds']:.3f}")
+
+
+def calibrate() -> None:
+    """One decoder layer and the head + loss, forward + backward, timed (best of 5, one thread)
+    against the cost model's ratio (ppllm.partition.layer_costs)."""
+    import time
+
+    import torch
+
+    from models import get_family
+    from models.common import StageContext, TokenLoss
+    from ppllm.partition import layer_costs
+    torch.set_num_threads(1)
+    fam = get_family("llama")
+
+    def best(fn, n=5):
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+    for H, V, S, B in ((256, 2000, 256, 2), (256, 8016, 256, 2), (512, 16032, 256, 1)):
+        margs = fam.parse_config(dict(model_type="llama", vocab_size=V, hidden_size=H, rms_norm_eps=1e-5,
+                                      intermediate_size=int(H * 2.75) // 8 * 8, num_hidden_layers=1,
+                                      num_attention_heads=H // 32, num_key_value_heads=H // 64))
+        layers = fam.layers(margs, StageContext())
+        dec, head = layers[1].build(), layers[3].build()
+        x = torch.randn(B, S, H, requires_grad=True)
+        pos, doc = torch.arange(S).expand(B, S), torch.zeros(B, S, dtype=torch.long)
+        labels = torch.randint(0, V, (B, S))
+        t_dec = best(lambda: dec((x, pos, doc))[0].sum().backward())
+        t_head = best(lambda: TokenLoss()(head((x, pos, doc)), labels).backward())
+        costs = layer_costs(fam, margs, S)
+        log(f"hidden {H}, vocab {V}, {B} x {S} tokens: decoder {t_dec * 1e3:.1f} ms, head + loss "
+            f"{t_head * 1e3:.1f} ms: measured head/decoder {t_head / t_dec:.3f}, cost model "
+            f"{costs[3] / costs[1]:.3f}; {load_note()}")
+
+
+def stage_split(pp_dir: str, seq: int, mbs: int, gas: int) -> str:
+    """The stages parts: auto picks for pipe=2 and each one's share of the cost model."""
+    from models import load_family
+    from ppllm.partition import layer_costs, parts_from_bounds
+    from ppllm.planner import Setup, propose_bounds
+    family, margs = load_family(pp_dir)
+    s = Setup(pipe=2, data=1, micro_batch=mbs, grad_accum=gas, seq_len=seq, precision="fp32")
+    bounds = propose_bounds(family, margs, s)
+    costs = layer_costs(family, margs, seq)
+    shares = [sum(costs[bounds[i]:bounds[i + 1]]) / sum(costs) for i in range(2)]
+    head = costs[-1] / max(c for c, k in zip(costs, family.layer_kinds(margs)) if k == "decoder")
+    return (f"parts: auto -> {parts_from_bounds(bounds)}; cost-model compute share per stage "
+            f"{shares[0]:.3f} / {shares[1]:.3f} (head + loss = {head:.2f} decoder layers)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--micro-batches", type=int, default=8, help="m = gradient_accumulation_steps")
@@ -70,7 +179,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating single/pipe runs; steps are pooled")
     p.add_argument("--keep", default=None, help="keep the work folder here instead of a temp dir")
     p.add_argument("--profile", action="store_true", help="time every pipeline instruction per rank (ms per step)")
+    p.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: the tokenizer's, 2000)")
+    p.add_argument("--loss-memory", action="store_true", help="only measure the head + loss peak memory")
+    p.add_argument("--calibrate", action="store_true", help="only time one decoder layer and the head + loss "
+                   "against the cost model")
+    p.add_argument("--loss-vocab", type=int, default=128256)
+    p.add_argument("--loss-hidden", type=int, default=512)
+    p.add_argument("--loss-seq", type=int, default=2048)
     a = p.parse_args()
+    if a.loss_memory:
+        return loss_memory(a)
+    if a.calibrate:
+        return calibrate()
     m = a.micro_batches
 
     tmp = a.keep or tempfile.mkdtemp(prefix="bench_pipe_")
@@ -80,9 +200,11 @@ def main() -> None:
         s = setup_tiny(os.path.join(tmp, "m"), n_docs=int(rows_needed * 1.3) + 50, mean_words=words,
                        hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.75) // 8 * 8,
                        num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 32),
-                       num_key_value_heads=max(1, a.hidden // 64), max_position_embeddings=max(512, a.seq))
+                       num_key_value_heads=max(1, a.hidden // 64), max_position_embeddings=max(512, a.seq),
+                       model_vocab=a.vocab)
         common = dict(pp_dir=s["pp"], data=s["data"], seq=a.seq, mbs=a.micro_batch, gas=m, steps=a.steps)
-        log(f"model: llama hidden {a.hidden}, {a.layers} layers; {m} micro-batches of {a.micro_batch} x {a.seq} "
+        log(stage_split(s["pp"], a.seq, a.micro_batch, m))
+        log(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab or 'of the tokenizer'}; {m} micro-batches of {a.micro_batch} x {a.seq} "
             f"tokens per step; {a.steps} steps ({a.warmup} warm-up) x {a.rounds} round(s); {a.threads} thread(s) "
             f"per process; {load_note()}")
 

@@ -1,7 +1,7 @@
 """Model families as DeepSpeed pipeline layer lists.
 
 ``get_family(model_type)`` returns the family object that knows how to parse the
-HF config, build the ``LayerSpec`` list and map checkpoint keys.
+HF config, describe the pipeline layers (DeepSpeed ``LayerSpec`` lists for training) and map checkpoint keys.
 """
 from __future__ import annotations
 

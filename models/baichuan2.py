@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (Embed, FinalNorm, GatedMLP, RMSNorm, StageContext, TokenLoss, check_stage_tuple,
+from .common import (Embed, FinalNorm, GatedMLP, HeadOutput, RMSNorm, StageContext, TokenLoss, check_stage_tuple,
                      rope_rotate_half_fp32)
-from .family import Family, KeyMap, LayerSpec, init_linear_
+from .family import Family, KeyMap, Layer, init_linear_, layer
 from .llama import LlamaArgs
 
 
@@ -60,7 +60,7 @@ class NormHead(Embed):
 
     def forward(self, inputs):
         h, _, _ = inputs
-        return F.linear(h, F.normalize(self.weight, dim=-1))
+        return HeadOutput(h, F.normalize(self.weight, dim=-1))
 
 
 class Baichuan2Family(Family):
@@ -70,22 +70,18 @@ class Baichuan2Family(Family):
     default_template = "baichuan2"
 
     def parse_config(self, cfg: dict) -> BaichuanArgs:
-        from transformers import LlamaConfig
         H, N = cfg["hidden_size"], cfg["num_attention_heads"]
-        # rope: theta 10000 over the full head dim; a llama config object carries it
-        hf = LlamaConfig(hidden_size=H, num_attention_heads=N, rope_theta=10000.0,
-                         max_position_embeddings=cfg.get("max_position_embeddings", 4096))
-        return BaichuanArgs(
+        return BaichuanArgs(  # rope: theta 10000 over the full head dim
             model_type="baichuan", vocab_size=cfg["vocab_size"], hidden_size=H,
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=N,
             num_kv_heads=N, head_dim=H // N, norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=False, qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=None,
-            initializer_range=cfg.get("initializer_range", 0.02), hf_config=hf,
+            initializer_range=cfg.get("initializer_range", 0.02), rope_theta=10000.0,
             z_loss_weight=float(cfg.get("z_loss_weight", 0.0) or 0.0))
 
-    def layer_specs(self, a: BaichuanArgs, ctx: StageContext) -> list:
-        return ([LayerSpec(Embed, a)] + [LayerSpec(BaichuanDecoderLayer, a, ctx) for _ in range(a.num_layers)]
-                + [LayerSpec(FinalNorm, a), LayerSpec(NormHead, a)])
+    def layers(self, a: BaichuanArgs, ctx: StageContext) -> list[Layer]:
+        return ([layer(Embed, a)] + [layer(BaichuanDecoderLayer, a, ctx) for _ in range(a.num_layers)]
+                + [layer(FinalNorm, a), layer(NormHead, a)])
 
     def key_map(self, a: BaichuanArgs) -> KeyMap:
         return KeyMap([("model.embed_tokens.", "embed."), ("model.layers.{}.", "layers.{}."),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import ModelArgs, StageContext, _PerBatch, check_stage_tuple, tied_head_forward
-from .family import Family, KeyMap, LayerSpec, TiedLayerSpec, init_linear_
+from .family import Family, KeyMap, Layer, init_linear_, layer, tied_layer
 
 
 @dataclass(kw_only=True)
@@ -146,11 +146,10 @@ class BloomFamily(Family):
     def is_tied(self, a: BloomArgs) -> bool:
         return True
 
-    def layer_specs(self, a: BloomArgs, ctx: StageContext) -> list:
-        return ([TiedLayerSpec("embed", BloomEmbed, a, tied_weight_attr="weight")]
-                + [LayerSpec(BloomBlock, a, ctx) for _ in range(a.num_layers)]
-                + [LayerSpec(BloomFinalNorm, a),
-                   TiedLayerSpec("embed", BloomEmbed, a, forward_fn=tied_head_forward, tied_weight_attr="weight")])
+    def layers(self, a: BloomArgs, ctx: StageContext) -> list[Layer]:
+        return ([tied_layer("embed", BloomEmbed, a)]
+                + [layer(BloomBlock, a, ctx) for _ in range(a.num_layers)]
+                + [layer(BloomFinalNorm, a), tied_layer("embed", BloomEmbed, a, forward_fn=tied_head_forward)])
 
     def key_map(self, a: BloomArgs) -> KeyMap:
         # the first rule of a pipeline prefix is used on export; the unprefixed hub names are aliases

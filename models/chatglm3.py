@@ -18,7 +18,7 @@ from torch import nn
 
 from .common import (Embed, FinalNorm, Head, ModelArgs, RMSNorm, RopeCache, StageContext, check_stage_tuple,
                      default_inv_freq, rope_interleaved_partial)
-from .family import Family, KeyMap, LayerSpec, init_linear_
+from .family import Family, KeyMap, Layer, init_linear_, layer
 
 
 @dataclass(kw_only=True)
@@ -111,9 +111,9 @@ class ChatGLM3Family(Family):
             rope_ratio=float(cfg.get("rope_ratio", 1.0)), qkv_bias=bool(cfg.get("add_qkv_bias", False)),
             linear_bias=bool(cfg.get("add_bias_linear", False)), initializer_range=cfg.get("initializer_range", 0.02))
 
-    def layer_specs(self, a: ChatGLMArgs, ctx: StageContext) -> list:
-        return ([LayerSpec(Embed, a)] + [LayerSpec(GLMBlock, a, ctx) for _ in range(a.num_layers)]
-                + [LayerSpec(GLMFinalNorm, a), LayerSpec(OutputLayer, a)])
+    def layers(self, a: ChatGLMArgs, ctx: StageContext) -> list[Layer]:
+        return ([layer(Embed, a)] + [layer(GLMBlock, a, ctx) for _ in range(a.num_layers)]
+                + [layer(GLMFinalNorm, a), layer(OutputLayer, a)])
 
     def key_map(self, a: ChatGLMArgs) -> KeyMap:
         return KeyMap([("transformer.embedding.word_embeddings.", "embed."),

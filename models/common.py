@@ -9,12 +9,14 @@ except the head takes and returns ``(x, position_ids, doc_ids)`` where
 ``[B, S, H]``, and ``position_ids``/``doc_ids`` are int64 ``[B, S]``.
 ``doc_ids`` numbers the packed documents of a row; attention never crosses a
 change of ``doc_id``.  Only one float tensor ever crosses a stage boundary,
-which is what DeepSpeed's pipeline engine expects.
+which is what DeepSpeed's pipeline engine expects. The head (always on the last stage) returns
+a :class:`HeadOutput` for the loss instead of logits.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,18 +95,19 @@ class Embed(nn.Module):
         return F.embedding(ids, self.weight), pos, doc
 
 
-def tied_head_forward(embed: Embed, inputs):
-    """The head of a tied model: logits from the embedding matrix (a TiedLayerSpec forward_fn)."""
+def tied_head_forward(embed: Embed, inputs) -> "HeadOutput":
+    """The head of a tied model: the embedding matrix projects (a TiedLayerSpec forward_fn)."""
     h, _, _ = inputs
-    return F.linear(h, embed.weight)
+    return HeadOutput(h, embed.weight)
 
 
 class Head(Embed):
-    """Untied output projection: the same [V, H] matrix shape as the embedding."""
+    """Untied output projection: the same [V, H] matrix shape as the embedding. Like every head
+    it returns a :class:`HeadOutput`; the loss forms the logits chunk by chunk."""
 
-    def forward(self, inputs):
+    def forward(self, inputs) -> "HeadOutput":
         h, _, _ = inputs
-        return F.linear(h, self.weight)
+        return HeadOutput(h, self.weight)
 
 
 class GatedMLP(nn.Module):
@@ -328,34 +331,260 @@ def _repeat_kv(x_BKSD: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------
 # Loss
+#
+# The head layer does not form the logits: it returns a HeadOutput (the final hidden state and
+# the [V, H] projection matrix it would multiply by), the only thing DeepSpeed hands the loss
+# function on the last stage. TokenLoss then computes cross entropy (and baichuan2's z-loss)
+# and their gradients over chunks of tokens or of the vocabulary (see early_gradients), so the
+# fp32 logits of a whole micro-batch (B*S*V*4 bytes: 2 GB at llama-3's vocabulary and seq 4096)
+# never exist at once. Given plain logits (what
+# ``HeadOutput.logits()`` or ``SequentialModel`` returns) it computes the same loss unchunked.
+
+
+class HeadOutput(NamedTuple):
+    """What a head layer returns: ``logits = hidden @ weight.T``, not yet formed."""
+    hidden: torch.Tensor  # [B, S, H] in the model dtype
+    weight: torch.Tensor  # [V, H]; baichuan2's NormHead passes its row-normalised matrix
+
+    def logits(self) -> torch.Tensor:
+        return F.linear(self.hidden, self.weight)
+
+
+#: fp32 bytes of one chunk's logits; the loss works on ~this many bytes of [tokens, V] at a time
+LOSS_CHUNK_BYTES = 32 << 20
+
+
+def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
+    return max(16, chunk_bytes // (4 * vocab_size))
+
+
+def next_token_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Positions that predict a next token of their own document (real tokens, not a row's last
+    position, not a document's last token): where baichuan2's original averages its z-loss."""
+    mask = torch.zeros_like(doc_ids_BS, dtype=torch.bool)
+    mask[:, :-1] = (doc_ids_BS[:, :-1] >= 0) & (doc_ids_BS[:, :-1] == doc_ids_BS[:, 1:])
+    return mask
+
+
+def _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale: float, z_coef: float, chunk: int,
+                            want_h: bool, want_w: bool):
+    """Loss ``ce_scale * sum(CE over labels != -100) + z_coef * sum(max(logits)^2 over zmask)`` and,
+    if asked, its gradients w.r.t. h and w (for an incoming gradient of 1), ``chunk`` tokens at a time.
+    The per-chunk arithmetic is autograd's for ``F.linear(h, w).float()`` followed by the loss."""
+    N = h_NH.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=h_NH.device)
+    gh = torch.empty_like(h_NH) if want_h else None
+    gw = torch.zeros(w_VH.shape, dtype=torch.float32, device=w_VH.device) if want_w else None
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        h_c, y_c = h_NH[s:e], labels_N[s:e]
+        logits = F.linear(h_c, w_VH).float()  # [c, V]
+        valid = y_c != -100
+        y_safe = torch.where(valid, y_c, 0)
+        lse = torch.logsumexp(logits, dim=-1)
+        target = logits.gather(1, y_safe[:, None]).squeeze(1)
+        total = total + ce_scale * torch.where(valid, lse - target, 0.0).sum()
+        if zmask_N is not None:
+            zmax, zarg = logits.max(dim=-1)
+            zm = zmask_N[s:e]
+            total = total + z_coef * torch.where(zm, zmax * zmax, 0.0).sum()
+        if not (want_h or want_w):
+            continue
+        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        row = ce_scale * valid.to(torch.float32)
+        g.mul_(row[:, None])
+        g.scatter_add_(1, y_safe[:, None], -row[:, None])
+        if zmask_N is not None:
+            g.scatter_add_(1, zarg[:, None], (2.0 * z_coef * zmax * zm)[:, None])
+        g = g.to(h_NH.dtype)
+        if want_h:
+            gh[s:e] = g @ w_VH
+        if want_w:
+            if gw.dtype == g.dtype:
+                gw.addmm_(g.t(), h_c)
+            else:
+                gw += (g.t() @ h_c).float()
+        del logits, g
+    return total, gh, gw
+
+
+def _loss_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale: float, z_coef: float, vchunk: int):
+    """The same loss over vocabulary chunks (an online logsumexp): returns it with what backward
+    needs per token (logsumexp, and the max logit and its index for the z-loss)."""
+    N, V = h_NH.shape[0], w_VH.shape[0]
+    dev = h_NH.device
+    run_max = torch.full((N,), float("-inf"), device=dev)
+    run_sum = torch.zeros(N, device=dev)
+    target = torch.zeros(N, device=dev)
+    zarg = torch.zeros(N, dtype=torch.long, device=dev)
+    valid = labels_N != -100
+    for v0 in range(0, V, vchunk):
+        v1 = min(V, v0 + vchunk)
+        logits = F.linear(h_NH, w_VH[v0:v1]).float()  # [N, v]
+        c_max, c_arg = logits.max(dim=-1)
+        new_max = torch.maximum(run_max, c_max)
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(-1)
+        zarg = torch.where(c_max > run_max, c_arg + v0, zarg)  # the first maximum, as torch.max
+        run_max = new_max
+        inside = valid & (labels_N >= v0) & (labels_N < v1)
+        local = torch.where(inside, labels_N - v0, 0)
+        target = torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), target)
+        del logits
+    lse = run_max + torch.log(run_sum)
+    loss = ce_scale * torch.where(valid, lse - target, 0.0).sum()
+    if zmask_N is not None:
+        loss = loss + z_coef * torch.where(zmask_N, run_max * run_max, 0.0).sum()
+    return loss, lse, run_max, zarg
+
+
+def _grads_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, vchunk, lse, zmax, zarg,
+                    want_h: bool, want_w: bool, grad_scale):
+    """Gradients w.r.t. h and w, one vocabulary chunk of logits recomputed at a time: each row
+    block of w's gradient is one matmul over all tokens (as unchunked), h's gradient is summed
+    over the chunks in fp32."""
+    N, V = h_NH.shape[0], w_VH.shape[0]
+    valid = labels_N != -100
+    gh = torch.zeros(h_NH.shape, dtype=torch.float32, device=h_NH.device) if want_h else None
+    gw = torch.empty_like(w_VH) if want_w else None
+    ce = ce_scale * grad_scale
+    row = ce * valid.to(torch.float32)
+    zg = 2.0 * z_coef * grad_scale * zmax * zmask_N if zmask_N is not None else None
+    for v0 in range(0, V, vchunk):
+        v1 = min(V, v0 + vchunk)
+        g = F.linear(h_NH, w_VH[v0:v1]).float().sub_(lse[:, None]).exp_().mul_(row[:, None])
+        inside = (valid & (labels_N >= v0) & (labels_N < v1)).nonzero().squeeze(1)
+        g.index_put_((inside, labels_N[inside] - v0), -row[inside], accumulate=True)
+        if zg is not None:
+            zin = (zmask_N & (zarg >= v0) & (zarg < v1)).nonzero().squeeze(1)
+            g.index_put_((zin, zarg[zin] - v0), zg[zin], accumulate=True)
+        g = g.to(h_NH.dtype)
+        if want_w:
+            gw[v0:v1] = g.t() @ h_NH
+        if want_h:
+            gh += (g @ w_VH[v0:v1]).float()
+        del g
+    return (gh.to(h_NH.dtype) if want_h else None), gw
+
+
+def early_gradients(n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
+                    chunk_bytes: int = LOSS_CHUNK_BYTES) -> bool:
+    """Take the gradients during forward (token chunks; the head's three matmuls, as unchunked)
+    when the micro-batch is a few token chunks and the V x H buffers that costs stay under a
+    quarter of the unchunked loss's logits; else recompute the logits in backward by vocabulary
+    chunks (a fourth matmul, but every matmul at full size: summing the head gradient over many
+    token chunks is memory-bound and measured slower). fp16 always recomputes: its gradient must
+    see the loss scale before it is cast."""
+    if dtype == torch.float16 or n_tokens > 4 * loss_chunk_tokens(vocab, chunk_bytes):
+        return False
+    b = dtype.itemsize
+    extra_per_vocab = (b + (4 if b != 4 else 0)) * hidden  # kept gradient + its fp32 sum
+    return 4 * extra_per_vocab <= n_tokens * (b + 8)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """The head matmul and the loss as one function over chunks; see :func:`early_gradients`
+    for its two ways. Neither holds more than one chunk of fp32 logits."""
+
+    @staticmethod
+    def forward(ctx, h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, chunk_bytes):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N, V = h_NH.shape[0], w_VH.shape[0]
+        ctx.early = (want_h or want_w) and early_gradients(N, h_NH.shape[1], V, h_NH.dtype, chunk_bytes)
+        ctx.args = (ce_scale, z_coef, max(16, chunk_bytes // (4 * max(1, N))))  # vocabulary entries per chunk
+        if ctx.early or not (want_h or want_w):
+            loss, gh, gw = _chunked_loss_and_grads(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef,
+                                                   loss_chunk_tokens(V, chunk_bytes), want_h and ctx.early,
+                                                   want_w and ctx.early)
+            # not saved tensors: backward scales them in place and drops them (no second copy)
+            ctx.grads = (gh, gw.to(w_VH.dtype) if gw is not None else None)
+            return loss
+        loss, lse, zmax, zarg = _loss_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, ctx.args[2])
+        ctx.save_for_backward(h_NH, w_VH, labels_N, zmask_N, lse, zmax, zarg)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.early:
+            if ctx.grads is None:
+                raise RuntimeError("the chunked loss's gradients were already used: backward runs once per forward")
+            gh, gw = ctx.grads
+            ctx.grads = None
+            gh = gh.mul_(grad_loss.to(gh.dtype)) if gh is not None else None
+            gw = gw.mul_(grad_loss.to(gw.dtype)) if gw is not None else None
+        else:
+            h, w, labels, zmask, lse, zmax, zarg = ctx.saved_tensors
+            ce_scale, z_coef, vchunk = ctx.args
+            gh, gw = _grads_by_vocab(h, w, labels, zmask, ce_scale, z_coef, vchunk, lse, zmax, zarg,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_loss)
+        return gh, gw, None, None, None, None, None
+
+
+def split_labels(labels):
+    """``labels`` | ``(labels, norm)`` | ``(labels, norm, next_token_mask)`` -> the three (None where absent).
+    ``norm`` is float64 ``[1]`` (the CE scale) or ``[2]`` (CE scale, z-loss scale), attached by
+    ``ppllm.engine.with_normaliser``."""
+    if isinstance(labels, (tuple, list)):
+        return labels[0], labels[1], (labels[2] if len(labels) > 2 else None)
+    return labels, None, None
 
 
 class TokenLoss:
-    """Next-token cross entropy, summed over trained tokens and divided by a normaliser.
+    """Next-token cross entropy, summed over trained tokens and divided by a normaliser, plus
+    baichuan2's optional z-loss ``z_loss_weight * mean(max(logits)^2)``.
 
     Labels are already shifted by the data pipeline (``labels[t]`` is the target for
-    position ``t``; -100 is ignored). The labels may come as ``(labels, scale)``, where
-    ``scale = grad_accum * dp / trained_tokens_in_step`` is attached by
+    position ``t``; -100 is ignored). The labels may come as ``(labels, norm[, mask])`` where
+    ``norm[0] = grad_accum * dp / trained_tokens_in_step`` is attached by
     ``ppllm.engine.train_step`` so the engine's per-micro-batch averaging turns into a
     token-weighted mean over the whole optimizer step. Plain labels give the micro-batch
     token mean.
+
+    The z-loss is averaged, as in the original, over every position that predicts a next
+    token, trained or not: with ``norm[1] = grad_accum * dp / such positions in the step`` and
+    ``mask`` = :func:`next_token_mask` of the row's doc ids; with plain labels, every position
+    but the last of each row (one document per row).
+
+    ``outputs`` is a :class:`HeadOutput` (chunked, the pipeline's path) or logits (unchunked).
     """
 
-    def __init__(self, z_loss_weight: float = 0.0):
+    def __init__(self, z_loss_weight: float = 0.0, chunk_bytes: int = LOSS_CHUNK_BYTES):
         self.z_loss_weight = z_loss_weight
+        self.chunk_bytes = chunk_bytes
         self.__name__ = "TokenLoss"
 
-    def __call__(self, logits_BSV: torch.Tensor, labels) -> torch.Tensor:
-        labels_BS, scale = labels if isinstance(labels, (tuple, list)) else (labels, None)
-        logits = logits_BSV.float().flatten(0, 1)
-        labels = labels_BS.flatten()
-        loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-        if self.z_loss_weight:
-            valid = labels != -100
-            # baichuan2's auxiliary term: weight * mean(max(logits)^2) over trained tokens
-            z = logits[valid].max(-1).values
-            loss_sum = loss_sum + self.z_loss_weight * (z ** 2).sum()
-        if scale is None:
-            n = (labels != -100).sum().clamp(min=1)
-            return loss_sum / n
-        return loss_sum * scale.to(loss_sum.device, torch.float32).reshape(())
+    @property
+    def needs_next_token_mask(self) -> bool:
+        return bool(self.z_loss_weight)
+
+    def _scales(self, labels_BS, norm, zmask_BS):
+        """(CE scale, z-loss coefficient, z mask or None) as fp32-rounded Python floats."""
+        if norm is None:
+            ce = 1.0 / max(1, int((labels_BS != -100).sum()))
+        else:
+            ce = float(norm.reshape(-1)[0].float())
+        if not self.z_loss_weight:
+            return ce, 0.0, None
+        if zmask_BS is None:
+            zmask_BS = torch.ones_like(labels_BS, dtype=torch.bool)
+            zmask_BS[:, -1] = False
+        if norm is None or norm.numel() < 2:
+            zs = 1.0 / max(1, int(zmask_BS.sum()))
+        else:
+            zs = float(norm.reshape(-1)[1].float())
+        return ce, float(torch.tensor(self.z_loss_weight * zs, dtype=torch.float32)), zmask_BS.to(labels_BS.device)
+
+    def __call__(self, outputs, labels) -> torch.Tensor:
+        labels_BS, norm, zmask_BS = split_labels(labels)
+        ce_scale, z_coef, zmask_BS = self._scales(labels_BS, norm, zmask_BS)
+        labels_N = labels_BS.reshape(-1)
+        zmask_N = zmask_BS.reshape(-1) if zmask_BS is not None else None
+        if isinstance(outputs, HeadOutput):
+            h, w = outputs
+            return _ChunkedHeadLoss.apply(h.reshape(-1, h.shape[-1]), w, labels_N, zmask_N, ce_scale, z_coef,
+                                          self.chunk_bytes)
+        logits = outputs.float().flatten(0, 1)
+        loss = ce_scale * F.cross_entropy(logits, labels_N, ignore_index=-100, reduction="sum")
+        if zmask_N is not None:
+            z = logits.max(-1).values
+            loss = loss + z_coef * (z * z)[zmask_N].sum()
+        return loss

@@ -15,12 +15,42 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from .common import StageContext
+
+
+@dataclass
+class Layer:
+    """One pipeline layer, described without DeepSpeed (a conversion never imports it):
+    ``cls(*args)`` builds it; ``tied_key`` shares its ``weight`` with the other layers of that key;
+    ``forward_fn`` marks a re-use of a tied module (no module, no layer file of its own).
+    :meth:`Family.layer_specs` turns these into DeepSpeed's LayerSpec / TiedLayerSpec."""
+    cls: type
+    args: tuple = ()
+    tied_key: str | None = None
+    forward_fn: Callable | None = None
+
+    def build(self) -> torch.nn.Module:
+        return self.cls(*self.args)
+
+    @property
+    def reuses_tied(self) -> bool:
+        return self.forward_fn is not None
+
+    @property
+    def name(self) -> str:
+        return f"{self.cls.__name__}(tied:{self.tied_key})" if self.reuses_tied else self.cls.__name__
+
+
+def layer(cls: type, *args) -> Layer:
+    return Layer(cls, args)
+
+
+def tied_layer(key: str, cls: type, *args, forward_fn: Callable | None = None) -> Layer:
+    return Layer(cls, args, key, forward_fn)
 
 
 @dataclass
@@ -85,10 +115,17 @@ class Family:
     def is_tied(self, args: Any) -> bool:
         return False
 
-    def layer_specs(self, args: Any, ctx: StageContext) -> list:
-        """[embed, layers..., norm, head] as LayerSpec/TiedLayerSpec, in ``layer_kinds`` order;
-        layers that attend take ``ctx``."""
+    def layers(self, args: Any, ctx: StageContext) -> list[Layer]:
+        """[embed, layers..., norm, head] in ``layer_kinds`` order; layers that attend take ``ctx``."""
         raise NotImplementedError
+
+    def layer_specs(self, args: Any, ctx: StageContext) -> list:
+        """:meth:`layers` as DeepSpeed's LayerSpec / TiedLayerSpec (imported here, not at module
+        import, so that conversion and planning run without DeepSpeed)."""
+        from deepspeed.pipe import LayerSpec, TiedLayerSpec
+        return [LayerSpec(x.cls, *x.args) if x.tied_key is None else
+                TiedLayerSpec(x.tied_key, x.cls, *x.args, forward_fn=x.forward_fn, tied_weight_attr="weight")
+                for x in self.layers(args, ctx)]
 
     def build_specs(self, args: Any, attention: str = "sdpa") -> list:
         """The layer list of one model: its layers share one StageContext (backend and caches)."""
@@ -139,38 +176,21 @@ class Family:
         return kinds.index(slot), rest
 
     def layer_names(self, args: Any) -> list[str]:
-        names = []
-        for spec in self.build_specs(args):
-            if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
-                names.append(f"{spec.typename.__name__}(tied:{spec.key})")
-            else:
-                names.append(spec.typename.__name__)
-        return names
+        return [x.name for x in self.layers(args, StageContext())]
 
     def expected_shapes(self, args: Any) -> dict[int, dict[str, tuple[torch.Size, torch.dtype]]]:
         """Layer index -> {local key: shape}, built on the meta device (no memory)."""
         out: dict[int, dict[str, Any]] = {}
         with torch.device("meta"):
-            for idx, spec in enumerate(self.build_specs(args)):
-                if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
-                    continue  # re-use of a tied module: no file of its own
-                module = spec.build()
-                out[idx] = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            for idx, x in enumerate(self.layers(args, StageContext())):
+                if not x.reuses_tied:  # a re-use of a tied module has no file of its own
+                    out[idx] = {k: tuple(v.shape) for k, v in x.build().state_dict().items()}
         return out
 
     def layer_param_counts(self, args: Any) -> list[int]:
-        counts = []
         with torch.device("meta"):
-            for spec in self.build_specs(args):
-                if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
-                    counts.append(0)
-                else:
-                    counts.append(sum(p.numel() for p in spec.build().parameters()))
-        return counts
-
-
-def tied_head_spec(key: str, module_cls: type, args: Any, forward_fn) -> TiedLayerSpec:
-    return TiedLayerSpec(key, module_cls, args, forward_fn=forward_fn, tied_weight_attr="weight")
+            return [0 if x.reuses_tied else sum(p.numel() for p in x.build().parameters())
+                    for x in self.layers(args, StageContext())]
 
 
 def init_linear_(module: torch.nn.Module, std: float) -> None:
@@ -183,4 +203,4 @@ def init_linear_(module: torch.nn.Module, std: float) -> None:
                 torch.nn.init.zeros_(m.bias)
 
 
-__all__ = ["Family", "KeyMap", "LayerSpec", "TiedLayerSpec", "tied_head_spec", "init_linear_"]
+__all__ = ["Family", "KeyMap", "Layer", "layer", "tied_layer", "init_linear_"]

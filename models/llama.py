@@ -14,7 +14,7 @@ from torch import nn
 
 from .common import (Embed, FinalNorm, GatedMLP, Head, ModelArgs, RMSNorm, RopeCache, StageContext, check_stage_tuple,
                      default_inv_freq, rope_rotate_half, tied_head_forward)
-from .family import Family, KeyMap, LayerSpec, TiedLayerSpec, init_linear_
+from .family import Family, KeyMap, Layer, init_linear_, layer, tied_layer
 
 
 @dataclass(kw_only=True)
@@ -24,9 +24,13 @@ class LlamaArgs(ModelArgs):
     o_bias: bool
     mlp_bias: bool
     sliding_window: int | None
-    hf_config: Any  # the transformers config object, used for rope parameters
+    rope_theta: float = 10000.0
+    #: the transformers config object, for rope types other than the default (llama3, linear, ...)
+    hf_config: Any = None
 
     def make_rope(self) -> RopeCache:
+        if self.hf_config is None:
+            return RopeCache(default_inv_freq(self.head_dim, self.rope_theta), 1.0)
         params = self.hf_config.rope_parameters or {}
         rope_type = params.get("rope_type", "default")
         if rope_type == "default":
@@ -36,6 +40,19 @@ class LlamaArgs(ModelArgs):
             raise ValueError(f"rope_type {rope_type!r} is not supported")
         inv, scale = ROPE_INIT_FUNCTIONS[rope_type](self.hf_config, torch.device("cpu"))
         return RopeCache(inv, scale)
+
+
+#: config.json keys the plain path reads; a config without one of them goes through transformers
+_PLAIN_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "rms_norm_eps")
+
+
+def _plain_rope(cfg: dict) -> bool:
+    """True when the config asks for the default rope (no scaling): then only rope_theta matters."""
+    scaling = cfg.get("rope_scaling")
+    params = cfg.get("rope_parameters")
+    kind = lambda d: (d or {}).get("rope_type", (d or {}).get("type", "default"))  # noqa: E731
+    return kind(scaling) == "default" and kind(params) == "default"
 
 
 class Attention(nn.Module):
@@ -82,6 +99,35 @@ class LlamaFamily(Family):
     default_template = "llama2"
 
     def parse_config(self, cfg: dict) -> LlamaArgs:
+        """A config.json that spells out every field and uses the default rope is read as it stands
+        (conversion and planning then need no transformers import, ~3 s); anything else goes
+        through transformers' config class, which fills in the model type's defaults.
+        tests/test_families.py checks that both readings agree."""
+        mt = cfg["model_type"]
+        plain = (all(cfg.get(k) is not None for k in _PLAIN_KEYS) and _plain_rope(cfg)
+                 and (mt == "llama" or "num_key_value_heads" in cfg)  # mistral/qwen2 defaults differ from N
+                 and (mt != "mistral" or "sliding_window" in cfg) and (mt != "qwen2" or "use_sliding_window" in cfg))
+        return self._parse_plain(cfg) if plain else self.parse_with_transformers(cfg)
+
+    def _parse_plain(self, cfg: dict) -> LlamaArgs:
+        mt, H, N = cfg["model_type"], cfg["hidden_size"], cfg["num_attention_heads"]
+        if mt == "qwen2":
+            qkv_bias, o_bias, mlp_bias = True, False, False
+            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+        else:
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+            mlp_bias = bool(cfg.get("mlp_bias", False))
+            window = cfg.get("sliding_window") if mt == "mistral" else None
+        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        return LlamaArgs(
+            model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=H, intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"], num_heads=N, num_kv_heads=cfg.get("num_key_value_heads") or N,
+            head_dim=cfg.get("head_dim") or H // N, norm_eps=cfg["rms_norm_eps"],
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, o_bias=o_bias,
+            mlp_bias=mlp_bias, sliding_window=window, initializer_range=cfg.get("initializer_range", 0.02),
+            rope_theta=float(theta))
+
+    def parse_with_transformers(self, cfg: dict) -> LlamaArgs:
         from transformers import AutoConfig
         clean = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")}
         hf = AutoConfig.for_model(cfg["model_type"], **clean)
@@ -100,24 +146,18 @@ class LlamaFamily(Family):
             num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
             head_dim=head_dim, norm_eps=hf.rms_norm_eps, tie_word_embeddings=bool(hf.tie_word_embeddings),
             qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=window,
-            initializer_range=getattr(hf, "initializer_range", 0.02), hf_config=hf)
+            initializer_range=getattr(hf, "initializer_range", 0.02),
+            rope_theta=float((hf.rope_parameters or {}).get("rope_theta", 10000.0)), hf_config=hf)
 
     def is_tied(self, a: LlamaArgs) -> bool:
         return a.tie_word_embeddings
 
-    def layer_specs(self, a: LlamaArgs, ctx: StageContext) -> list:
-        specs: list = []
-        if a.tie_word_embeddings:
-            specs.append(TiedLayerSpec("embed", Embed, a, tied_weight_attr="weight"))
-        else:
-            specs.append(LayerSpec(Embed, a))
-        specs += [LayerSpec(LlamaDecoderLayer, a, ctx) for _ in range(a.num_layers)]
-        specs.append(LayerSpec(FinalNorm, a))
-        if a.tie_word_embeddings:
-            specs.append(TiedLayerSpec("embed", Embed, a, forward_fn=tied_head_forward, tied_weight_attr="weight"))
-        else:
-            specs.append(LayerSpec(Head, a))
-        return specs
+    def layers(self, a: LlamaArgs, ctx: StageContext) -> list[Layer]:
+        tied = a.tie_word_embeddings
+        return ([tied_layer("embed", Embed, a) if tied else layer(Embed, a)]
+                + [layer(LlamaDecoderLayer, a, ctx) for _ in range(a.num_layers)]
+                + [layer(FinalNorm, a),
+                   tied_layer("embed", Embed, a, forward_fn=tied_head_forward) if tied else layer(Head, a)])
 
     def key_map(self, a: LlamaArgs) -> KeyMap:
         rules = [

@@ -26,6 +26,9 @@ def _hf_chat_ids(hf, jinja: str, messages: list[dict]) -> list[int]:
     return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
 def write_chat_template(folder: str, model_type: str | None = None) -> dict | None:
     """Write the template's Jinja ``chat_template`` into ``folder/tokenizer_config.json`` (and over a
     ``chat_template.jinja`` there, which transformers would prefer). The variant is the one whose
@@ -36,6 +39,8 @@ def write_chat_template(folder: str, model_type: str | None = None) -> dict | No
     folder has no tokenizer."""
     from data.templates import get_template, pick_chat_template, render_chat_template
     from data.tokenizer import load_tokenizer
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
+        return None  # a model without a tokenizer: nothing to describe
     try:
         tok = load_tokenizer(folder, model_type)
     except OSError:  # no tokenizer files in the folder: nothing to describe

@@ -9,9 +9,7 @@ The command line is ``convert_model.py``.
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 import sys
 from collections import OrderedDict
 from typing import Iterator
@@ -20,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from models import get_family, read_config
-from ppllm import lora as lora_mod
+from ppllm import tensor_io as tio
 from ppllm.paths import (LORA_META_FILE, META_FILE, PARTITION_FILE, copy_side_files, latest_target, layer_file,
                          layer_index, list_tags, staged_output)
 
@@ -54,29 +52,51 @@ def hf_weight_files(folder: str) -> tuple[list[str], str]:
     raise ConversionError(f"{folder}: no model.safetensors, pytorch_model.bin or index file found")
 
 
-def iter_hf_tensors(files: list[str], kind: str) -> Iterator[tuple[str, tuple, "callable"]]:
-    """Yield (key, shape, loader) one tensor at a time; loader() materialises it."""
+def hf_tensor_index(files: list[str], kind: str) -> Iterator[tuple[str, object]]:
+    """(key, payload) of every tensor, in file order, from the files' headers: byte ranges
+    (tensor_io.Stored) where the format allows, else tensors that torch loads when written."""
     for path in files:
-        if kind == "safetensors":
-            from safetensors import safe_open
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    shape = tuple(f.get_slice(key).get_shape())
-                    yield key, shape, (lambda f=f, key=key: f.get_tensor(key))
-        else:
+        index = tio.safetensors_index(path) if kind == "safetensors" else tio.torch_zip_index(path)
+        if index is not None:
+            yield from index.items()
+            continue
+        # a legacy (non-zip) or unusual .bin: torch reads it, one file held at a time
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        for key, t in state.items():
+            yield key, tio.Lazy(t.dtype, tuple(t.shape), lambda path=path, key=key: _TorchFiles.get(path)[key])
+        del state
+
+
+class _TorchFiles:
+    """The one torch-loaded source file kept open at a time (the fallback path of hg_to_pp)."""
+    _path: str | None = None
+    _state: dict | None = None
+
+    @classmethod
+    def get(cls, path: str) -> dict:
+        if cls._path != path:
+            cls._path, cls._state = None, None
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in list(state.keys()):
-                t = state[key]
-                yield key, tuple(t.shape), (lambda t=t: t)
-            del state
+                cls._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                cls._state = torch.load(path, map_location="cpu", weights_only=True)
+            cls._path = path
+        return cls._state
+
+    @classmethod
+    def close(cls) -> None:
+        cls._path, cls._state = None, None
 
 
-def _own_copy(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return t.contiguous().clone()
+def _cast(p, dtype: torch.dtype | None):
+    """The payload as written: cast to ``dtype`` (floating tensors only) when asked."""
+    if dtype is None or not p.dtype.is_floating_point or p.dtype == dtype:
+        return p
+    load = p.load if isinstance(p, tio.Stored) else p.make
+    return tio.Lazy(dtype, tuple(p.shape), lambda: load().to(dtype))
 
 
 def hg_to_pp(input_path: str, save_path: str, dtype: str | None = None, force: bool = False,
@@ -89,53 +109,46 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str | None = None, force: b
     files, kind = hf_weight_files(input_path)
     torch_dtype = DTYPES[dtype] if dtype else None
 
-    total = sum(os.path.getsize(p) for p in files)
-    pending: dict[int, dict[str, torch.Tensor]] = {}
-    done: set[int] = set()
-    seen: dict[int, set[str]] = {}
+    # plan every layer file from the headers (no tensor data is read), then copy
+    plan: dict[int, dict[str, object]] = {}
     problems: list[str] = []
+    for key, payload in hf_tensor_index(files, kind):
+        try:
+            pp_key = keymap.to_pp(key)
+        except KeyError:
+            problems.append(f"unexpected key {key!r} for model_type {cfg['model_type']!r}")
+            continue
+        if pp_key is None:
+            continue
+        try:
+            idx, local = family.locate(args, pp_key)
+        except KeyError:
+            problems.append(f"unexpected key {key!r} (maps to {pp_key!r}, which the config does not have)")
+            continue
+        want = expected.get(idx, {}).get(local)
+        if want is None:
+            problems.append(f"unexpected key {key!r} (the config has no {pp_key!r})")
+            continue
+        if tuple(payload.shape) != tuple(want):
+            problems.append(f"{key}: shape {list(payload.shape)} but the config implies {list(want)}")
+            continue
+        plan.setdefault(idx, {})[local] = _cast(payload, torch_dtype)
+    for idx, keys in expected.items():
+        for local in keys:
+            if local not in plan.get(idx, {}):
+                problems.append(f"missing key {keymap.to_hf(family.slot_of(args, idx) + '.' + local)!r}")
+    if problems:
+        raise ConversionError(f"{input_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
     with staged_output(save_path, force) as tmp:
+        total = sum(tio.payload_meta(p)[2] for layer in plan.values() for p in layer.values())
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="hg_to_pp", disable=quiet)
-        for key, shape, load in iter_hf_tensors(files, kind):
-            try:
-                pp_key = keymap.to_pp(key)
-            except KeyError:
-                problems.append(f"unexpected key {key!r} for model_type {cfg['model_type']!r}")
-                continue
-            if pp_key is None:
-                continue
-            try:
-                idx, local = family.locate(args, pp_key)
-            except KeyError:
-                problems.append(f"unexpected key {key!r} (maps to {pp_key!r}, which the config does not have)")
-                continue
-            want = expected.get(idx, {}).get(local)
-            if want is None:
-                problems.append(f"unexpected key {key!r} (the config has no {pp_key!r})")
-                continue
-            if tuple(shape) != tuple(want):
-                problems.append(f"{key}: shape {list(shape)} but the config implies {list(want)}")
-                continue
-            seen.setdefault(idx, set()).add(local)
-            if problems:  # keep checking keys, but stop loading data that will not be written
-                continue
-            t = load()
-            bar.update(t.numel() * t.element_size())
-            pending.setdefault(idx, {})[local] = _own_copy(t, torch_dtype)
-            if len(pending[idx]) == len(expected[idx]):
-                torch.save(pending.pop(idx), layer_file(tmp, idx))
-                done.add(idx)
+        for idx in sorted(expected):
+            items = [(local, plan[idx][local]) for local in expected[idx]]
+            tio.write_torch_state(layer_file(tmp, idx), items)
+            bar.update(sum(tio.payload_meta(p)[2] for _, p in items))
         bar.close()
-        for idx, keys in expected.items():
-            if idx in done:
-                continue
-            have = seen.get(idx, set())
-            for local in keys:
-                if local not in have:
-                    slot = family.slot_of(args, idx)
-                    problems.append(f"missing key {keymap.to_hf(slot + '.' + local)!r}")
-        if problems:
-            raise ConversionError(f"{input_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        _TorchFiles.close()
         copied = copy_side_files(input_path, tmp)
         meta = {"format": "ppllm-pipeline", "family": family.name, "model_type": cfg["model_type"],
                 "num_pipe_layers": family.num_pipe_layers(args), "source_layout": kind,
@@ -143,7 +156,7 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str | None = None, force: b
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
     if not quiet:
-        print(f"hg_to_pp: wrote {len(done)} layer files and {len(copied)} side files to {save_path}")
+        print(f"hg_to_pp: wrote {len(expected)} layer files and {len(copied)} side files to {save_path}")
     return meta
 
 
@@ -178,43 +191,13 @@ def resolve_pipeline_dir(input_path: str, tag: str | None = None) -> tuple[str, 
 
 
 class _Entry:
-    """One output tensor of pp_to_hg: where it comes from and what it becomes."""
-    __slots__ = ("key", "idx", "local", "shape", "dtype", "nbytes")
+    """One output tensor of pp_to_hg: its HF name and its payload (bytes in a layer file, or a
+    tensor made when it is written)."""
+    __slots__ = ("key", "payload", "nbytes")
 
-    def __init__(self, key, idx, local, shape, dtype):
-        self.key, self.idx, self.local, self.shape, self.dtype = key, idx, local, shape, dtype
-        self.nbytes = math.prod(shape) * dtype.itemsize
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def _write_safetensors(path: str, entries: list, tensor, bar=None) -> None:
-    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is
-    known from the plan, so no tensor has to wait in memory for the others (the format is an
-    8-byte little-endian header length, the JSON header padded to 8 bytes, then the raw data)."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        header[e.key] = {"dtype": _ST_DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    if sys.byteorder != "little":
-        raise ConversionError("safetensors export needs a little-endian machine")
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for e in entries:
-            t = tensor(e).contiguous()
-            if tuple(t.shape) != e.shape or t.dtype != e.dtype:
-                raise ConversionError(f"{e.key}: got {t.dtype} {list(t.shape)}, planned {e.dtype} {list(e.shape)}")
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            del t
-            if bar is not None:
-                bar.update(e.nbytes)
+    def __init__(self, key: str, payload):
+        self.key, self.payload = key, payload
+        self.nbytes = tio.payload_meta(payload)[2]
 
 
 def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str | None = None,
@@ -224,7 +207,7 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
     merged into its base weights, or with lora_only written as a PEFT adapter whose base is the HF
     export ``base_hf`` (written there when it does not exist yet; default ``save_path/base``)."""
     layers_dir, config_dir = resolve_pipeline_dir(input_path, tag)
-    adapter = lora_mod.read_meta(layers_dir)
+    adapter = _read_adapter_meta(layers_dir)
     if lora_only:
         if adapter is None:
             raise ConversionError(f"{layers_dir} holds no LoRA adapters (no {LORA_META_FILE})")
@@ -232,13 +215,10 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
     cfg = read_config(config_dir)
     family = get_family(cfg["model_type"])
     args = family.parse_config(cfg)
-    load_state = _layer_loader(layers_dir, adapter)
-    # a LoRA merge keeps names, shapes and dtypes: plan from the base files, merge once while writing
-    plan_dir = adapter["base_model_path"] if adapter else layers_dir
-    entries, extras = _plan_export(family, args, plan_dir, layers_dir, adapter, DTYPES[dtype] if dtype else None)
+    entries = _plan_export(family, args, layers_dir, adapter, DTYPES[dtype] if dtype else None)
     layout = family.export_layout(args)  # the family's original file layout
     with staged_output(save_path, force) as tmp:
-        weight_map = _write_shards(tmp, _group_shards(entries, max_shard_bytes), layout, load_state, extras, quiet)
+        weight_map = _write_shards(tmp, _group_shards(entries, max_shard_bytes), layout, quiet)
         copied = copy_side_files(config_dir, tmp)
         if layers_dir != config_dir:
             copied += copy_side_files(layers_dir, tmp)
@@ -256,24 +236,43 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
     return {"tensors": len(weight_map), "shards": n}
 
 
-def _plan_export(family, args, plan_dir: str, layers_dir: str, adapter: dict | None,
-                 torch_dtype: torch.dtype | None) -> tuple[list[_Entry], dict]:
-    """Every output tensor, checked against the config from metadata alone (the layer files are
-    memory-mapped and nothing is read), so the writer can stream each one straight into its shard."""
+def _read_adapter_meta(layers_dir: str) -> dict | None:
+    if not os.path.isfile(os.path.join(layers_dir, LORA_META_FILE)):
+        return None  # the common case: no need to import the LoRA (training) code
+    from ppllm import lora
+    return lora.read_meta(layers_dir)
+
+
+def _layer_index(path: str) -> dict[str, object]:
+    """{local key: payload} of a layer file: byte ranges when it is a plain torch file."""
+    index = tio.torch_zip_index(path)
+    if index is not None:
+        return index
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {k: tio.Lazy(t.dtype, tuple(t.shape), lambda path=path, k=k: _TorchFiles.get(path)[k])
+            for k, t in state.items()}
+
+
+def _plan_export(family, args, layers_dir: str, adapter: dict | None,
+                 torch_dtype: torch.dtype | None) -> list[_Entry]:
+    """Every output tensor, checked against the config from the layer files' headers alone (no
+    tensor data is read), so the writer can stream each one straight into its shard. A LoRA merge
+    keeps names, shapes and dtypes: it is planned from the base files and merged while writing."""
     keymap = family.key_map(args)
     expected = family.expected_shapes(args)
+    base_dir = adapter["base_model_path"] if adapter else None
     missing = [layer_file(layers_dir, i) for i in sorted(expected)
                if not os.path.isfile(layer_file(layers_dir, i))
-               and not (adapter and os.path.isfile(layer_file(adapter["base_model_path"], i)))]
+               and not (adapter and os.path.isfile(layer_file(base_dir, i)))]
     if missing:
         raise ConversionError(f"{layers_dir}: {len(missing)} layer file(s) missing:\n  " + "\n  ".join(missing)
                               + _stage_hint(layers_dir, missing))
-    plan_state = _layer_loader(plan_dir, None)
+    merged = _merged_loader(layers_dir, adapter) if adapter else None
     entries, problems = [], []
     out_dtype = None
     for idx in sorted(expected):
-        path = layer_file(plan_dir, idx)
-        state = plan_state(idx)
+        path = layer_file(base_dir or layers_dir, idx)
+        state = _layer_index(path)
         want = expected[idx]
         extra, lacking = sorted(set(state) - set(want)), sorted(set(want) - set(state))
         if extra or lacking:
@@ -281,19 +280,19 @@ def _plan_export(family, args, plan_dir: str, layers_dir: str, adapter: dict | N
             continue
         slot = family.slot_of(args, idx)
         for local in want:
-            t = state[local]
-            if tuple(t.shape) != tuple(want[local]):
-                problems.append(f"{path}: {local} has shape {list(t.shape)}, config implies {list(want[local])}")
+            p = state[local]
+            if tuple(p.shape) != tuple(want[local]):
+                problems.append(f"{path}: {local} has shape {list(p.shape)}, config implies {list(want[local])}")
                 continue
-            dt = torch_dtype if torch_dtype is not None and t.is_floating_point() else t.dtype
-            out_dtype = out_dtype or dt
-            entries.append(_Entry(keymap.to_hf(f"{slot}.{local}"), idx, local, tuple(t.shape), dt))
-        del state
+            if merged is not None:
+                p = tio.Lazy(p.dtype, tuple(p.shape), lambda idx=idx, local=local: merged(idx)[local])
+            p = _cast(p, torch_dtype)
+            out_dtype = out_dtype or p.dtype
+            entries.append(_Entry(keymap.to_hf(f"{slot}.{local}"), p))
     if problems:
         raise ConversionError(f"{layers_dir}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     extras = family.export_extra(args, out_dtype or torch.float32)
-    entries += [_Entry(k, None, k, tuple(t.shape), t.dtype) for k, t in extras.items()]
-    return entries, extras
+    return entries + [_Entry(k, t) for k, t in extras.items()]
 
 
 def _group_shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
@@ -308,37 +307,26 @@ def _group_shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Ent
     return shards
 
 
-def _write_shards(tmp: str, shards: list[list[_Entry]], layout: str, load_state, extras: dict,
-                  quiet: bool) -> dict[str, str]:
-    """Write the shards with HF's names and their index; one layer file open at a time, one tensor
-    in memory at a time. Returns the weight map."""
+def _write_shards(tmp: str, shards: list[list[_Entry]], layout: str, quiet: bool) -> dict[str, str]:
+    """Write the shards with HF's names and their index, streaming every tensor from its layer
+    file into the shard. Returns the weight map."""
     bar = tqdm(total=sum(e.nbytes for g in shards for e in g), unit="B", unit_scale=True, desc="pp_to_hg",
                disable=quiet)
-    current: list = [None, None]  # (layer index, its state)
-
-    def tensor(e: _Entry) -> torch.Tensor:
-        if e.idx is None:
-            return extras[e.local]
-        if current[0] != e.idx:
-            current[:] = [e.idx, None]  # drop the previous layer's mapping first
-            current[1] = load_state(e.idx)
-        t = current[1][e.local]
-        return t.to(e.dtype) if t.dtype != e.dtype else t
-
     stem, ext, index_name = (("pytorch_model", "bin", "pytorch_model.bin.index.json") if layout == "bin"
                              else ("model", "safetensors", "model.safetensors.index.json"))
     weight_map: dict[str, str] = {}
     total_size = 0
     for i, group in enumerate(shards):
         final = os.path.join(tmp, f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}")
+        items = [(e.key, e.payload) for e in group]
         if layout == "bin":
-            torch.save({e.key: _own_copy(tensor(e), None) for e in group}, final)
-            bar.update(sum(e.nbytes for e in group))
+            tio.write_torch_state(final, items)
         else:
-            _write_safetensors(final, group, tensor, bar)
-        total_size += os.path.getsize(final)
+            tio.write_safetensors(final, items)
+        bar.update(sum(e.nbytes for e in group))
+        total_size += sum(e.nbytes for e in group)
         weight_map.update((e.key, os.path.basename(final)) for e in group)
-    current[:] = [None, None]
+    _TorchFiles.close()
     bar.close()
     with open(os.path.join(tmp, index_name), "w") as f:
         json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
@@ -346,22 +334,26 @@ def _write_shards(tmp: str, shards: list[list[_Entry]], layout: str, load_state,
     return weight_map
 
 
-def _layer_loader(layers_dir: str, adapter: dict | None):
-    """idx -> layer state; for an adapter checkpoint, base weights with W + (alpha/r) B A merged in."""
-    def plain(idx: int) -> dict:
-        return torch.load(layer_file(layers_dir, idx), map_location="cpu", weights_only=True, mmap=True)
-    if adapter is None:
-        return plain
+def _merged_loader(layers_dir: str, adapter: dict):
+    """idx -> layer state with W + (alpha/r) B A merged in; the last layer's merge is kept."""
+    from ppllm import lora
     base_dir = adapter["base_model_path"]
     if not os.path.isfile(layer_file(base_dir, 0)):
         raise ConversionError(f"{layers_dir} holds LoRA adapters for the base model {base_dir}, "
                               f"which is not there; restore it or edit {os.path.join(layers_dir, LORA_META_FILE)}")
     scaling = adapter["lora"]["alpha"] / adapter["lora"]["r"]
+    cache: list = [None, None]
+
+    def load(directory: str, idx: int) -> dict:
+        return torch.load(layer_file(directory, idx), map_location="cpu", weights_only=True, mmap=True)
 
     def merged(idx: int) -> dict:
-        base = dict(torch.load(layer_file(base_dir, idx), map_location="cpu", weights_only=True, mmap=True))
-        extra = plain(idx) if os.path.isfile(layer_file(layers_dir, idx)) else {}
-        return lora_mod.merge_into(base, extra, scaling)
+        if cache[0] != idx:
+            cache[:] = [None, None]
+            base = dict(load(base_dir, idx))
+            extra = load(layers_dir, idx) if os.path.isfile(layer_file(layers_dir, idx)) else {}
+            cache[:] = [idx, lora.merge_into(base, extra, scaling)]
+        return cache[1]
     return merged
 
 
@@ -389,6 +381,8 @@ def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, fo
     do not load in transformers): ``base_hf`` when it holds one (checked against the adapter's
     config), else the base is exported there (default ``save_path/base``)."""
     from safetensors.torch import save_file
+
+    from ppllm import lora as lora_mod
     cfg = read_config(config_dir)
     family = get_family(cfg["model_type"])
     margs = family.parse_config(cfg)

@@ -13,6 +13,7 @@ import math
 import torch
 
 from data.dataset import trained_tokens
+from models.common import next_token_mask
 from ppllm import ds_compat
 
 
@@ -126,13 +127,26 @@ def _client_optimizer(ds_cfg: dict, groups: list[dict]):
     return ds_cfg, DeepSpeedCPULion(groups, **opt.get("params", {}))
 
 
-def with_normaliser(batches: list | None, scale: float) -> list | None:
-    """Attach the step's loss normaliser to every micro-batch's labels: ``(labels, scale)``.
-    The loss function reads it from there (see models.common.TokenLoss)."""
+def with_normaliser(batches: list | None, scale: float, z_scale: float | None = None) -> list | None:
+    """Attach the step's loss normaliser to every micro-batch's labels: ``(labels, scale)``, or for
+    a z-loss ``(labels, [scale, z_scale], next_token_mask)``. The loss function reads it from there
+    (see models.common.TokenLoss)."""
     if batches is None:
         return None
-    s = torch.tensor([scale], dtype=torch.float64)
-    return [(inputs, (labels, s)) for inputs, labels in batches]
+    if z_scale is None:
+        s = torch.tensor([scale], dtype=torch.float64)
+        return [(inputs, (labels, s)) for inputs, labels in batches]
+    s = torch.tensor([scale, z_scale], dtype=torch.float64)
+    return [(inputs, (labels, s, next_token_mask(inputs[2]))) for inputs, labels in batches]
+
+
+def _wants_z_mask(engine) -> bool:
+    return bool(getattr(getattr(engine.module, "loss_fn", None), "needs_next_token_mask", False))
+
+
+def z_positions(batches: list) -> int:
+    """Positions of a step that predict a next token of their document (the z-loss's count)."""
+    return int(sum(next_token_mask(inputs[2]).sum() for inputs, _ in batches))
 
 
 def train_step(engine, batches: list | None) -> float:
@@ -140,16 +154,22 @@ def train_step(engine, batches: list | None) -> float:
 
     The engine averages per-micro-batch losses over grad-accum steps and data-parallel
     replicas; scaling each micro-batch's summed loss by gas * dp / (trained tokens of
-    the whole step) turns that average into sum / count.
+    the whole step) turns that average into sum / count. A z-loss is normalised the same way
+    by the step's count of next-token positions.
     """
-    scale = 0.0
+    scale, z_scale = 0.0, None
+    wants_z = _wants_z_mask(engine)
     if engine.is_last_stage():
         grid = engine.grid
-        n_tok = torch.tensor([float(trained_tokens(batches))], dtype=torch.float64)
-        torch.distributed.all_reduce(n_tok, group=grid.get_data_parallel_group())
-        dp = grid.get_data_parallel_world_size()
-        scale = engine.gradient_accumulation_steps() * dp / max(1.0, float(n_tok))
-    batches = with_normaliser(batches, scale)
+        counts = [float(trained_tokens(batches)), float(z_positions(batches)) if wants_z else 0.0]
+        n = torch.tensor(counts, dtype=torch.float64)
+        torch.distributed.all_reduce(n, group=grid.get_data_parallel_group())
+        factor = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size()
+        scale = factor / max(1.0, float(n[0]))
+        z_scale = factor / max(1.0, float(n[1])) if wants_z else None
+    elif wants_z:
+        z_scale = 0.0
+    batches = with_normaliser(batches, scale, z_scale)
     return float(engine.train_batch(iter(batches) if batches is not None else None))
 
 
@@ -163,12 +183,17 @@ def eval_step(engine, batches: list | None) -> tuple[float, float]:
     ``mean * own tokens`` add up to its summed loss even when they hold unequal tokens (an eval
     step with padding rows)."""
     n = float(trained_tokens(batches)) if batches else 0.0
-    scale = 0.0
+    scale, z_scale = 0.0, None
+    wants_z = _wants_z_mask(engine)
     if engine.is_last_stage():
         grid = engine.grid
-        n_tok = torch.tensor([n], dtype=torch.float64)
-        torch.distributed.all_reduce(n_tok, group=grid.get_data_parallel_group())
-        scale = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size() / max(1.0, float(n_tok))
-    batches = with_normaliser(batches, scale)
+        counts = torch.tensor([n, float(z_positions(batches)) if wants_z and batches else 0.0], dtype=torch.float64)
+        torch.distributed.all_reduce(counts, group=grid.get_data_parallel_group())
+        factor = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size()
+        scale = factor / max(1.0, float(counts[0]))
+        z_scale = factor / max(1.0, float(counts[1])) if wants_z else None
+    elif wants_z:
+        z_scale = 0.0
+    batches = with_normaliser(batches, scale, z_scale)
     loss = float(engine.eval_batch(iter(batches) if batches is not None else None))
     return loss * n, n

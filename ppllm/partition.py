@@ -59,23 +59,34 @@ def parts_problems(parts: Sequence[int], num_layers: int | None, pipe: int) -> l
     return problems
 
 
-def layer_costs(family, args: Any) -> list[float]:
-    """Relative compute per pipeline layer: a matmul costs its parameter count.
+def layer_costs(family, args: Any, seq_len: int = 2048, flash: bool = False) -> list[float]:
+    """Training FLOPs per token of each pipeline layer (forward + backward), the compute that
+    ``parts: auto`` balances.
 
-    The embedding is a gather (almost free); the head is a [H,V] matmul plus the
-    loss over V; norms are negligible.
+    * decoder: 6 x its parameters (the matmuls) + 12 x seq x (heads x head dim) for attention
+      (SDPA with a document mask computes the full S x S; flash-attn's causal kernels half of it);
+    * head + loss: 6 x V x H (logits and both gradients; the same for a tied head);
+    * embedding: a gather (2 % of a decoder layer); norms: negligible.
+
+    Calibration (BENCHMARKS.md, "Balance"): a timing of one decoder layer and of head + loss
+    (forward + backward, CPU, one thread) at hidden 256/512 and vocabularies 2000-16032 gave
+    head/decoder ratios within 0-15 % of these FLOP ratios; the loss's elementwise work (18-26 %
+    of the head's matmul time) is about matched by the decoder's own (norms, rope, softmax), so
+    neither gets an extra term. The parameter count alone overpriced the head by 18-35 %.
     """
     counts = family.layer_param_counts(args)
     kinds = family.layer_kinds(args)
-    decoder = [c for c, k in zip(counts, kinds) if k == "decoder"] or [1]
+    H, V = args.hidden_size, args.vocab_size
+    attention = 12.0 * seq_len * args.num_heads * args.head_dim * (0.5 if flash else 1.0)
+    decoder = [6.0 * c + attention for c, k in zip(counts, kinds) if k == "decoder"] or [1.0]
     costs = []
     for c, k in zip(counts, kinds):
-        if k == "embed":
+        if k == "decoder":
+            costs.append(6.0 * c + attention)
+        elif k == "embed":
             costs.append(0.02 * max(decoder))
         elif k == "norm":
             costs.append(0.0)
-        elif k == "head" and c == 0:  # a tied head re-uses the embedding matrix
-            costs.append(float(counts[kinds.index("embed")]))
-        else:
-            costs.append(float(c))
+        else:  # the head and the loss
+            costs.append(6.0 * V * H)
     return costs

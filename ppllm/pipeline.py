@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from models.common import HeadOutput
 from ppllm import ds_compat, errors
 from ppllm.errors import UserError
 from ppllm.ds_compat import TiedLayerSpec
@@ -66,10 +67,13 @@ def load_layer(module: nn.Module, directory: str, index: int) -> None:
 
 
 class SequentialModel(nn.Module):
-    """The same layer list run in one process: the unpipelined reference and a CPU runner."""
+    """The same layer list run in one process: the unpipelined reference and a CPU runner.
+    It returns the logits (``logits=True``), or what the head returns, a ``HeadOutput`` that the
+    family's loss turns into a chunked loss (``logits=False``, as in the pipeline)."""
 
-    def __init__(self, specs: list):
+    def __init__(self, specs: list, logits: bool = True):
         super().__init__()
+        self.return_logits = logits
         self.layers = nn.ModuleList()
         self.funcs: list = []
         tied: dict[str, nn.Module] = {}
@@ -92,7 +96,7 @@ class SequentialModel(nn.Module):
         x = inputs
         for f in self.funcs:
             x = f(x)
-        return x
+        return x.logits() if self.return_logits and isinstance(x, HeadOutput) else x
 
     def load_layer_files(self, directory: str) -> None:
         for idx, layer in enumerate(self.layers):

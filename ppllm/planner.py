@@ -6,7 +6,12 @@ tests/test_planner.py), per micro-batch of B x S tokens, in bytes:
 
     decoder layer  b * (9*B*S*H + 2*B*S*K*D + 4*B*S*I + 4*B*S*D) + 4*B*N*S + mask
     mask           4 * B * S * S   (SDPA with a document mask; none with flash-attn varlen)
-    head           B * S * V * (b + 8)   (logits, their fp32 copy and its gradient)
+    head + loss    chunked (models.common.TokenLoss), one chunk of fp32 logits at a time:
+                   with a few token chunks per micro-batch (early_gradients) both gradients are taken
+                   in forward: b*B*S*H, + 4*V*H for the head gradient's fp32 sum (bf16), + a chunk;
+                   else backward recomputes by vocabulary chunks: b*B*S*H + 4*B*S*H + a chunk
+                   (the head's own gradient, b*V*H, is counted with the gradients)
+                   (unchunked it was B*S*V*(b + 8): logits, their fp32 copy and its gradient)
     with use_grad_ckpt a layer keeps only its input, b * B*S*H, plus one layer's
     full activations while it is recomputed.
 
@@ -77,10 +82,33 @@ def layer_activation_bytes(margs: ModelArgs, kind: str, s: Setup) -> int:
         full = b * (9 * B * S * H + 2 * B * S * K * D + 4 * B * S * inter + 4 * B * S * D) + 4 * B * N * S + mask
         return b * B * S * H if s.grad_ckpt else full
     if kind == "head":
-        return B * S * margs.vocab_size * (b + 8)
+        return head_loss_bytes(margs, s)
     if kind == "embed":
         return 8 * B * S  # token ids
     return b * B * S * H  # final norm input
+
+
+def head_loss_bytes(margs: ModelArgs, s: Setup, chunked: bool = True) -> int:
+    """Peak bytes of the head + loss for one micro-batch (models.common.TokenLoss over a HeadOutput;
+    what it keeps is measured against this in tests/test_planner.py, its peak in
+    bench/pipeline_efficiency.py --loss-memory)."""
+    import torch
+
+    from models.common import LOSS_CHUNK_BYTES, early_gradients, loss_chunk_tokens
+    b = _dtype_bytes(s.precision)
+    N, H, V = s.micro_batch * s.seq_len, margs.hidden_size, margs.vocab_size
+    if not chunked:
+        return N * V * (b + 8)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
+    # the head matrix's gradient (b*V*H) is not counted here: it is the parameter's gradient, which
+    # the unchunked loss makes too and estimate() counts with the gradients
+    if early_gradients(N, H, V, dtype):  # token chunks, both gradients taken in forward
+        c = min(N, loss_chunk_tokens(V))
+        fp32_sum = 4 * V * H if b != 4 else 0  # the head gradient's fp32 sum (bf16)
+        return b * N * H + fp32_sum + c * V * (4 + b)
+    # recomputed in backward by vocabulary chunks: h's gradient and its fp32 sum, one chunk
+    vc = min(V, max(16, LOSS_CHUNK_BYTES // (4 * N)))
+    return b * N * H + 4 * N * H + N * vc * (4 + b)
 
 
 def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
@@ -114,7 +142,7 @@ def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
 
 def layer_weights(family, margs, s: Setup) -> list[float]:
     """Per-layer cost mixing compute (parameter count as matmul work) and memory (bytes)."""
-    compute = layer_costs(family, margs)
+    compute = layer_costs(family, margs, s.seq_len, s.flash)
     kinds = family.layer_kinds(margs)
     counts = family.layer_param_counts(margs)
     per_param = _dtype_bytes(s.precision) * 2 + OPTIMIZER_STATE_BYTES.get(s.optimizer.lower(), 8)

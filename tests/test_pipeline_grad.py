@@ -15,7 +15,7 @@ from models import load_family
 from ppllm.pipeline import SequentialModel
 from ppllm.tiny import make_llama
 from tests.helpers import launch, synthetic_batches, token_weighted_loss
-from tests.test_families import nontrivial_norms
+from tests.test_families import baichuan_checkpoint, nontrivial_norms
 
 pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
 
@@ -37,8 +37,29 @@ def models(tmp_path_factory):
     bloom.save_pretrained(root / "hf_bloom")
     cm.hg_to_pp(str(root / "hf_bloom"), str(root / "pp_bloom"), quiet=True)
     out["bloom"] = str(root / "pp_bloom")
+    # baichuan2 with z-loss: NormHead, and the z-loss normalised over the step's next-token positions
+    baichuan_checkpoint(root / "hf_baichuan", z_loss_weight=0.5, vocab=VOCAB)
+    cm.hg_to_pp(str(root / "hf_baichuan"), str(root / "pp_baichuan"), quiet=True)
+    out["baichuan_z"] = str(root / "pp_baichuan")
     out["root"] = root
     return out
+
+
+def z_weighted_loss(model, batches, z_weight: float) -> torch.Tensor:
+    """The step's loss by its definition, unchunked: CE summed over trained tokens / their count, plus
+    z_weight x max(logits)^2 summed over next-token positions / their count, over all micro-batches."""
+    import torch.nn.functional as F
+
+    from models.common import next_token_mask
+    ce, n_ce, z, n_z = torch.zeros(()), 0, torch.zeros(()), 0
+    for inputs, labels in batches:
+        logits = model(inputs).float()
+        ce = ce + F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        n_ce += int((labels != -100).sum())
+        mask = next_token_mask(inputs[2])
+        z = z + (logits.max(-1).values ** 2)[mask].sum()
+        n_z += int(mask.sum())
+    return ce / n_ce + z_weight * z / n_z
 
 
 def reference_update(model_dir, sc):
@@ -46,7 +67,8 @@ def reference_update(model_dir, sc):
     model = SequentialModel(fam.build_specs(margs))
     model.load_layer_files(model_dir)
     batches = synthetic_batches(sc["seed"], sc["gas"] * sc["data"], sc["mbs"], SEQ, margs.vocab_size)
-    loss = token_weighted_loss(model, batches)
+    z_weight = getattr(fam.loss_fn(margs), "z_loss_weight", 0.0)
+    loss = z_weighted_loss(model, batches, z_weight) if z_weight else token_weighted_loss(model, batches)
     loss.backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
     if sc.get("clip"):
@@ -119,6 +141,7 @@ SCEN_4 = [
     {"name": "p2d2_offload", "model": "untied", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 25, "zero": 1,
      "offload": True, "optimizer": "Adam", "lr": 1e-3},
     {"name": "p2d2_bloom", "model": "bloom", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 26},
+    {"name": "p2d2_baichuan_z", "model": "baichuan_z", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 27},
 ]
 
 

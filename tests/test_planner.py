@@ -4,7 +4,7 @@ import torch
 
 from models import get_family
 from ppllm.pipeline import SequentialModel
-from ppllm.planner import Setup, estimate, layer_activation_bytes, propose_bounds, parts_from_bounds
+from ppllm.planner import Setup, estimate, head_loss_bytes, layer_activation_bytes, propose_bounds, parts_from_bounds
 from tests.helpers import PY, run
 
 LLAMA7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -33,17 +33,49 @@ def test_activation_estimate_within_15_percent(shape):
     margs = fam.parse_config(dict(model_type="llama", vocab_size=shape["V"], hidden_size=shape["H"],
                                   intermediate_size=shape["I"], num_hidden_layers=shape["L"],
                                   num_attention_heads=shape["N"], num_key_value_heads=shape["K"]))
-    model = SequentialModel(fam.build_specs(margs))
+    model = SequentialModel(fam.build_specs(margs), logits=False)  # the head hands (h, W) to the loss
     B, S = shape["B"], shape["S"]
     ids = torch.randint(0, shape["V"], (B, S))
     inputs = (ids, torch.arange(S).expand(B, S), torch.zeros(B, S, dtype=torch.long))
     measured = measured_activation_bytes(model, inputs)
     s = Setup(pipe=1, data=1, micro_batch=B, grad_accum=1, seq_len=S, precision="fp32")
     est = estimate(fam, margs, [0, fam.num_pipe_layers(margs)], s)[0].act_bytes_per_micro_batch
-    # the planner's head term also counts the loss's fp32 logits and their gradient, which live
-    # outside the model's forward
-    head_loss_part = B * S * shape["V"] * 8
+    # the planner's head term is the loss's memory, which lives outside the model's forward
+    head_loss_part = head_loss_bytes(margs, s)
     assert abs((est - head_loss_part) - measured) / measured < 0.15, (est - head_loss_part, measured)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("S", [300, 24])  # gradients taken in forward / recomputed in backward
+def test_head_loss_kept_bytes_are_exact(precision, dtype, S):
+    """The chunked loss keeps no logits: its two gradients (b*N*H + b*V*H) when it takes them in
+    forward, else the hidden state and a few numbers per token."""
+    from models.common import HeadOutput, TokenLoss, early_gradients
+    margs = get_family("llama").parse_config(dict(model_type="llama", vocab_size=5000, hidden_size=48,
+                                                  intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    B, H, V = 2, 48, 5000
+    h = torch.randn(B, S, H, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, H, dtype=dtype, requires_grad=True)
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():  # the parameter itself
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = TokenLoss()(HeadOutput(h, w), torch.randint(0, V, (B, S)))
+    b, N = dtype.itemsize, B * S
+    if early_gradients(N, H, V, dtype):
+        kept = sum(t.untyped_storage().nbytes() for t in loss.grad_fn.grads) + sum(seen.values())
+        assert kept == b * N * H + b * V * H
+    else:
+        assert S == 24 and sum(seen.values()) == b * N * H + 8 * N + 16 * N  # h; labels; lse, max, argmax
+    s = Setup(pipe=1, data=1, micro_batch=B, grad_accum=1, seq_len=S, precision=precision)
+    assert head_loss_bytes(margs, s) < head_loss_bytes(margs, s, chunked=False)
+    big = Setup(pipe=1, data=1, micro_batch=1, grad_accum=1, seq_len=2048, precision=precision)
+    vocab3 = get_family("llama").parse_config(dict(LLAMA7B, vocab_size=128256, hidden_size=512))
+    assert head_loss_bytes(vocab3, big) < head_loss_bytes(vocab3, big, chunked=False) / 4
+    loss.backward()
 
 
 def test_state_sizes_are_exact():
