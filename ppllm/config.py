@@ -78,8 +78,9 @@ class ModelTopo(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     process_topology: Topology
     parts: list[int] | Literal["auto"] | None = "auto"
-    """pipeline layers per stage, e.g. `[5, 4, 4, 4, 4, 4, 4, 6]`; must sum to L + 3. `auto` balances compute (the
-    embedding is nearly free, the head costs like a matmul of its size)"""
+    """pipeline layers per stage, e.g. `[5, 4, 4, 4, 4, 4, 4, 6]`; must sum to L + 3 (embedding, decoder layers,
+    final norm, head). `auto` balances the planner's cost per layer: compute in FLOPs per token (the embedding is
+    nearly free, the head + loss costs 6·V·H) mixed with memory"""
 
 
 class LrSchedule(BaseModel):

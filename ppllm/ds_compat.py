@@ -156,3 +156,17 @@ def restore_counters(engine, state: dict) -> None:
     engine.global_steps = state["global_steps"]
     engine.global_samples = state.get("global_samples", engine.global_steps * engine.train_batch_size())
     engine.skipped_steps = state.get("skipped_steps", 0)
+
+
+def release_shm_buffer() -> None:
+    """DeepSpeed's CPU communication op maps a ~70 MB /dev/shm buffer per rank and never unlinks it, so
+    every CPU run left its buffers behind until reboot (hundreds of MB per launch). Each rank removes its
+    own at exit; the others have theirs mapped already (they open every peer's buffer at start-up)."""
+    import os
+    addr, port, rank = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if not (addr and port and rank is not None):
+        return
+    try:
+        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+    except OSError:
+        pass  # no buffer (GPU run, one process) or already gone

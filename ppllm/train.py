@@ -251,7 +251,10 @@ def train(cfg: Config, quiet: bool = False) -> None:
         if is_rank0():
             print(interrupted_message(cfg.run.save_path, step), flush=True)
         sys.stdout.flush()
+        ds_compat.release_shm_buffer()
         os._exit(130)  # no teardown: peers are stopping too, and a collective now would only hang
+    finally:
+        ds_compat.release_shm_buffer()
     log0(f"done: {run.total} steps; checkpoint in {cfg.run.save_path} (latest: {tag_for(run.total)})")
 
 
