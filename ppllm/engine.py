@@ -149,27 +149,33 @@ def z_positions(batches: list) -> int:
     return int(sum(next_token_mask(inputs[2]).sum() for inputs, _ in batches))
 
 
-def train_step(engine, batches: list | None) -> float:
-    """One optimizer step whose loss is the token-weighted mean over every micro-batch and replica.
+def normalised(engine, batches: list | None) -> list | None:
+    """The step's micro-batches with their loss normalisers attached (see with_normaliser).
 
     The engine averages per-micro-batch losses over grad-accum steps and data-parallel
     replicas; scaling each micro-batch's summed loss by gas * dp / (trained tokens of
-    the whole step) turns that average into sum / count. A z-loss is normalised the same way
-    by the step's count of next-token positions.
+    the whole step, over every replica) turns that average into sum / count. A z-loss is
+    normalised the same way by the step's count of next-token positions. Only the last
+    stage computes a loss; the others attach zeros of the same form.
     """
     scale, z_scale = 0.0, None
     wants_z = _wants_z_mask(engine)
     if engine.is_last_stage():
         grid = engine.grid
-        counts = [float(trained_tokens(batches)), float(z_positions(batches)) if wants_z else 0.0]
-        n = torch.tensor(counts, dtype=torch.float64)
-        torch.distributed.all_reduce(n, group=grid.get_data_parallel_group())
+        counts = torch.tensor([float(trained_tokens(batches)) if batches else 0.0,
+                               float(z_positions(batches)) if wants_z and batches else 0.0], dtype=torch.float64)
+        torch.distributed.all_reduce(counts, group=grid.get_data_parallel_group())
         factor = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size()
-        scale = factor / max(1.0, float(n[0]))
-        z_scale = factor / max(1.0, float(n[1])) if wants_z else None
+        scale = factor / max(1.0, float(counts[0]))
+        z_scale = factor / max(1.0, float(counts[1])) if wants_z else None
     elif wants_z:
         z_scale = 0.0
-    batches = with_normaliser(batches, scale, z_scale)
+    return with_normaliser(batches, scale, z_scale)
+
+
+def train_step(engine, batches: list | None) -> float:
+    """One optimizer step whose loss is the token-weighted mean over every micro-batch and replica."""
+    batches = normalised(engine, batches)
     return float(engine.train_batch(iter(batches) if batches is not None else None))
 
 
@@ -177,23 +183,9 @@ def eval_step(engine, batches: list | None) -> tuple[float, float]:
     """(summed loss, trained tokens) of one step of micro-batches on this replica; both are
     meaningful on the first stage, which receives the loss from the last.
 
-    ``eval_batch`` averages the micro-batch losses over grad-accum steps and then over the
-    data-parallel replicas, so the scale is the step's token count over every replica (as in
-    ``train_step``): the engine returns the step's token-weighted mean, and the replicas' shares
-    ``mean * own tokens`` add up to its summed loss even when they hold unequal tokens (an eval
-    step with padding rows)."""
+    ``eval_batch`` returns the step's token-weighted mean over every replica (the normalisers of
+    ``train_step``), so the replicas' shares ``mean * own tokens`` add up to its summed loss even
+    when they hold unequal tokens (an eval step with padding rows)."""
     n = float(trained_tokens(batches)) if batches else 0.0
-    scale, z_scale = 0.0, None
-    wants_z = _wants_z_mask(engine)
-    if engine.is_last_stage():
-        grid = engine.grid
-        counts = torch.tensor([n, float(z_positions(batches)) if wants_z and batches else 0.0], dtype=torch.float64)
-        torch.distributed.all_reduce(counts, group=grid.get_data_parallel_group())
-        factor = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size()
-        scale = factor / max(1.0, float(counts[0]))
-        z_scale = factor / max(1.0, float(counts[1])) if wants_z else None
-    elif wants_z:
-        z_scale = 0.0
-    batches = with_normaliser(batches, scale, z_scale)
-    loss = float(engine.eval_batch(iter(batches) if batches is not None else None))
+    loss = float(engine.eval_batch(iter(normalised(engine, batches)) if batches is not None else None))
     return loss * n, n
