@@ -128,17 +128,24 @@ def measure_grad_norm_before_step(engine) -> None:
     def with_norm(*args, **kwargs):
         plain_fp32 = not (engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization())
         if plain_fp32:
-            sq = torch.zeros(1, dtype=torch.float64)
-            for p in engine.module.parameters():
-                if p.grad is not None and not is_replicated(p):
-                    sq += p.grad.detach().double().pow(2).sum().cpu()
-            sq = sq.to(next(engine.module.parameters()).device)
-            torch.distributed.all_reduce(sq, group=engine.grid.get_pipe_parallel_group())
-            engine.ppllm_grad_norm = float(sq.sqrt())
+            engine.ppllm_grad_norm = pipeline_grad_norm(engine.module.parameters(),
+                                                        engine.grid.get_pipe_parallel_group())
         return take_step(*args, **kwargs)
 
     engine.ppllm_grad_norm = None
     engine._take_model_step = with_norm
+
+
+def pipeline_grad_norm(params, group) -> float:
+    """L2 norm of the gradients of every stage: this stage's parameters (tied copies counted once,
+    on their owner) reduced over the pipeline group."""
+    from ppllm import collectives
+    sq = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and not is_replicated(p):
+            sq += p.grad.detach().double().pow(2).sum().cpu()
+    collectives.all_reduce_(sq, group=group)
+    return float(sq.sqrt())
 
 
 def measured_grad_norm(engine) -> float | None:

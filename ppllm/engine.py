@@ -14,7 +14,7 @@ import torch
 
 from data.dataset import trained_tokens
 from models.common import next_token_mask
-from ppllm import ds_compat
+from ppllm import collectives, ds_compat
 
 
 def ds_config(cfg) -> dict:
@@ -162,12 +162,12 @@ def normalised(engine, batches: list | None) -> list | None:
     wants_z = _wants_z_mask(engine)
     if engine.is_last_stage():
         grid = engine.grid
-        counts = torch.tensor([float(trained_tokens(batches)) if batches else 0.0,
-                               float(z_positions(batches)) if wants_z and batches else 0.0], dtype=torch.float64)
-        torch.distributed.all_reduce(counts, group=grid.get_data_parallel_group())
+        tokens, positions = collectives.all_reduce(
+            [float(trained_tokens(batches)) if batches else 0.0,
+             float(z_positions(batches)) if wants_z and batches else 0.0], group=grid.get_data_parallel_group())
         factor = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size()
-        scale = factor / max(1.0, float(counts[0]))
-        z_scale = factor / max(1.0, float(counts[1])) if wants_z else None
+        scale = factor / max(1.0, tokens)
+        z_scale = factor / max(1.0, positions) if wants_z else None
     elif wants_z:
         z_scale = 0.0
     return with_normaliser(batches, scale, z_scale)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ppllm import errors
+from ppllm import collectives, errors
 from ppllm.log import is_rank0
 
 
@@ -166,6 +166,19 @@ def prepare_node(cfg, model_type: str) -> None:
             raise DataError(f"eval data (eval_data_path): {e}") from e
 
 
+def agreed_row_counts(mine: list[int]) -> list[int]:
+    """[training rows, eval rows] that every data-reading rank found (``-1``s on a rank that reads
+    no data); every rank learns them. Readers that disagree stop the run."""
+    from data.dataset import DataError
+    hi = collectives.all_reduce(mine, op="max", integer=True)
+    lo = collectives.all_reduce([x if x >= 0 else 2 ** 62 for x in mine], op="min", integer=True)
+    if hi != lo:
+        raise DataError(f"the data-reading ranks see different data: between {lo[0]} and "
+                        f"{hi[0]} training rows (eval: {lo[1]}..{hi[1]}); give every "
+                        f"node the same data files (same content, same paths)")
+    return hi
+
+
 def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: int, announce: bool):
     """(training loader, eval loader or None, training steps), the same step counts on every rank.
 
@@ -192,16 +205,7 @@ def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: in
 
     # every reader built the same rows from the same files; the others learn the counts
     mine = [loader.n, eval_loader.n if eval_loader is not None else 0] if has_data else [-1, -1]
-    dev = errors.collective_device()
-    hi = torch.tensor(mine, dtype=torch.int64, device=dev)
-    lo = torch.tensor([x if x >= 0 else 2 ** 62 for x in mine], dtype=torch.int64, device=dev)
-    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-    if hi.tolist() != lo.tolist():
-        raise DataError(f"the data-reading ranks see different data: between {lo.tolist()[0]} and "
-                        f"{hi.tolist()[0]} training rows (eval: {lo.tolist()[1]}..{hi.tolist()[1]}); give every "
-                        f"node the same data files (same content, same paths)")
-    n_train, n_eval = hi.tolist()
+    n_train, n_eval = agreed_row_counts(mine)
     total, eval_steps = count_steps(cfg, n_train, n_eval or None)
     if announce:
         print(format_steps(cfg, n_train, n_eval or None), flush=True)

@@ -38,9 +38,9 @@ def bubble_fraction(pipe: int, micro_batches: int) -> float:
     return (pipe - 1) / (micro_batches + pipe - 1)
 
 
-def batch_counts(batches: list | None) -> torch.Tensor:
-    """[real tokens, trained tokens, samples] of this rank's micro-batches."""
-    out = torch.zeros(3, dtype=torch.float64)
+def batch_counts(batches: list | None) -> list[float]:
+    """[real tokens, trained tokens, samples] of this rank's micro-batches (read after the step)."""
+    out = [0.0, 0.0, 0.0]
     for (ids, _, doc), labels in batches or []:
         out[0] += float((doc >= 0).sum())
         out[1] += float((labels != -100).sum())

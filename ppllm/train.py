@@ -19,7 +19,7 @@ import torch
 
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
-from ppllm import ds_compat, reshard, watchdog
+from ppllm import collectives, ds_compat, reshard, watchdog
 from ppllm.config import Config, ConfigError, load_config
 from ppllm.errors import UserError
 from ppllm.feed import count_steps, format_data_stats, format_steps, load_data, load_eval, make_loaders
@@ -121,19 +121,19 @@ def resume(cfg: Config, engine, loader, rank: int, record: dict) -> int:
             ckpt.truncate_metrics(metrics_path, start)
     elif rank == 0 and os.path.exists(metrics_path):  # keep an earlier run's curve rather than mixing them
         os.replace(metrics_path, f"{metrics_path}.{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.distributed.barrier()
+    collectives.barrier()
     return start
 
 
 def evaluate(engine, loader) -> float:
     """Token-weighted loss over the whole eval set (every row once), across micro-batches and replicas."""
-    acc = torch.zeros(2, dtype=torch.float64)
+    loss_sum, n = 0.0, 0.0
     for batches in loader.one_pass():
-        loss_sum, n = eng.eval_step(engine, batches)
+        step_loss, step_n = eng.eval_step(engine, batches)
         if engine.is_first_stage():
-            acc += torch.tensor([loss_sum, n], dtype=torch.float64)
-    torch.distributed.all_reduce(acc)
-    return float(acc[0] / max(1.0, float(acc[1])))
+            loss_sum, n = loss_sum + step_loss, n + step_n
+    loss_sum, n = collectives.all_reduce([loss_sum, n])
+    return loss_sum / max(1.0, n)
 
 
 class StepLog:
@@ -155,9 +155,9 @@ class StepLog:
     def record(self, step: int, loss: float, batches, dt: float) -> dict | None:
         """Collective over the first stage's data-parallel group (token counts); the record on rank 0."""
         engine = self.run.engine
-        counts = batch_counts(batches) if self.run.is_first else torch.zeros(3, dtype=torch.float64)
+        counts = [0.0, 0.0, 0.0]
         if self.run.is_first:
-            torch.distributed.all_reduce(counts, group=engine.grid.get_data_parallel_group())
+            counts = collectives.all_reduce(batch_counts(batches), group=engine.grid.get_data_parallel_group())
         if not self.rank0:
             return None
         lrs = engine.get_lr()
