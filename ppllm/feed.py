@@ -15,7 +15,7 @@ any rank stops every rank, and rank 0 prints it once):
 """
 from __future__ import annotations
 
-import os
+import socket
 
 import torch
 
@@ -136,17 +136,14 @@ class NoData:
         return {}
 
 
-def _node_preparer(cfg, rank: int) -> bool:
-    """Is this rank the one that prepares the data on its node? The lowest data-reading rank of
-    the node (the launcher gives every node a contiguous block of LOCAL_SIZE global ranks)."""
+def node_preparer(cfg, rank: int, hosts: list[str]) -> bool:
+    """Is this rank the one that prepares the data on its node? The lowest data-reading rank among
+    the ranks on the same host (``hosts[r]``: rank r's host name). Going by names, not by blocks
+    of local ranks, keeps it right for every launcher's placement (SLURM's cyclic one too)."""
     from ppllm import ds_compat
-    local, size = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_SIZE")
     topo = ds_compat.topology(cfg.pipe, cfg.data)
     readers = [r for r in range(cfg.world_size) if topo.get_coord(r).pipe in (0, cfg.pipe - 1)]
-    if local is None or size is None:  # not started by the DeepSpeed launcher: the lowest reader
-        return rank == readers[0]
-    first = rank - int(local)
-    mine = [r for r in readers if first <= r < first + int(size)]
+    mine = [r for r in readers if hosts[r] == hosts[rank]]
     return bool(mine) and rank == mine[0]
 
 
@@ -185,7 +182,8 @@ def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: in
     Every rank must call this (it runs collectives)."""
     from data.dataset import DataError, StepLoader
     rank = torch.distributed.get_rank()
-    errors.agree(lambda: prepare_node(cfg, model_type) if _node_preparer(cfg, rank) else None)
+    hosts = collectives.all_gather_object(socket.gethostname())
+    errors.agree(lambda: prepare_node(cfg, model_type) if node_preparer(cfg, rank, hosts) else None)
 
     def build():
         if not has_data:

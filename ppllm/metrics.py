@@ -14,7 +14,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800
 def device_peak_tflops(override: float | None) -> float | None:
     if override:
         return override
-    if not torch.cuda.is_available():
+    from ppllm.launch import accelerator_name
+    if accelerator_name() != "cuda":
         return None
     name = torch.cuda.get_device_name()
     for key, value in PEAK_TFLOPS.items():
