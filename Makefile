@@ -5,8 +5,10 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt p
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 # the demo and the suite run on CPU processes (gloo), also on a GPU host; make gpu-check uses the GPU
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's JIT-built ops: one cache per venv (another checkout's venv would rebuild them)
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast gpu-check clean
 
 # (re)create the project venv whenever the requirements or pyproject.toml change; ppllm, models
 # and data are installed editable, so scripts, tests and benchmarks import them from this checkout
@@ -32,6 +34,11 @@ test: venv
 # parity, conversion, data and config checks in one process, no DeepSpeed launch (under 2 minutes)
 test-fast: venv
 	$(PY) -m pytest tests -m "not multiprocess"
+
+# one GPU, a few minutes, no network: probe, kernels vs fp32, a real bf16 launch (train, eval, save,
+# resume, export, logits vs transformers), bench/gpu_mfu.py; one table (BENCHMARKS.md, GPU readiness)
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf demo_out runs .pytest_cache

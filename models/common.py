@@ -95,10 +95,18 @@ class Embed(nn.Module):
         return F.embedding(ids, self.weight), pos, doc
 
 
+def _through_graph(weight: torch.Tensor) -> torch.Tensor:
+    """The head's matrix as a stage output: a view (no copy), not the parameter itself. DeepSpeed hooks
+    every output tensor of a stage to start its backward bookkeeping (its bf16 optimizer clears the
+    low-precision gradients there); hooked on the parameter itself, that bookkeeping ran after the
+    head's gradient had arrived and threw it away (tests/test_topology_resume.py, bf16)."""
+    return weight.view_as(weight)
+
+
 def tied_head_forward(embed: Embed, inputs) -> "HeadOutput":
     """The head of a tied model: the embedding matrix projects (a TiedLayerSpec forward_fn)."""
     h, _, _ = inputs
-    return HeadOutput(h, embed.weight)
+    return HeadOutput(h, _through_graph(embed.weight))
 
 
 class Head(Embed):
@@ -107,7 +115,7 @@ class Head(Embed):
 
     def forward(self, inputs) -> "HeadOutput":
         h, _, _ = inputs
-        return HeadOutput(h, self.weight)
+        return HeadOutput(h, _through_graph(self.weight))
 
 
 class GatedMLP(nn.Module):

@@ -64,9 +64,22 @@ class BoundedPipelineModule(PipelineModule):
     ``_partition_layers`` is overridden to install ``bounds`` instead.
     """
 
-    def __init__(self, layers, *, bounds: list[int], **kwargs):
+    def __init__(self, layers, *, bounds: list[int], materialise=None, **kwargs):
         self._ppllm_bounds = [int(b) for b in bounds]
+        self._ppllm_materialise = materialise
         super().__init__(layers, **kwargs)
+
+    def _build(self) -> None:  # DeepSpeed hook: builds this stage's layers, before moving them
+        """With ``materialise``: every layer is built on the meta device (no memory, no random
+        init), then ``materialise(self)`` gives it storage on the training device in the
+        training dtype and fills it (from layer files). DeepSpeed's ``.to(device)`` that follows
+        is then a no-op, so no host copy of the stage in fp32 ever exists."""
+        if self._ppllm_materialise is None:
+            super()._build()
+            return
+        with torch.device("meta"):
+            super()._build()
+        self._ppllm_materialise(self)
 
     def _partition_layers(self, method: str = "uniform") -> None:  # DeepSpeed hook
         stage_id = self._topo.get_coord(self.global_rank).pipe
@@ -187,6 +200,83 @@ def fused_adam_buildable() -> bool:
     nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and os.path.exists(
         os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")))
     return bool(compatible and nvcc)
+
+
+# --- DeepSpeed's bf16 optimizer (ZeRO-1) state, by parameter name ---------------------------------
+
+BF16_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def bf16_optimizer_file(tag_dir: str, stage: int, dp_rank: int) -> str:
+    import os
+    return os.path.join(tag_dir, f"bf16_zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt")
+
+
+def read_bf16_state(tag_dir: str, stage: int, data: int, rename) -> tuple[dict, dict]:
+    """One stage's fp32 master weights and Adam moments, whole again: ``{name: {"fp32", "exp_avg",
+    "exp_avg_sq"}}`` (flat tensors) gathered from the ``data`` ranks' partitions of DeepSpeed's bf16
+    optimizer files, plus ``{"step", "lr"}``. ``rename`` maps DeepSpeed's parameter names to ppllm's.
+
+    Each rank's file holds a contiguous slice of every group's flat buffer and, per parameter, where
+    its part of that slice is (``param_slice_mappings``); a parameter is its parts in rank order."""
+    parts: dict[str, dict[str, list]] = {}
+    meta = {}
+    for d in range(data):
+        sd = torch.load(bf16_optimizer_file(tag_dir, stage, d), map_location="cpu",
+                        weights_only=False)["optimizer_state_dict"]
+        base = sd["base_optimizer_state"]
+        for g, mapping in enumerate(sd["param_slice_mappings"]):
+            flat = {"fp32": sd["single_partition_of_fp32_groups"][g]}
+            flat.update({k: base["state"][g][k] for k in BF16_STATE_KEYS if g in base["state"]})
+            for ds_name, addr in mapping.items():
+                slot = parts.setdefault(rename(ds_name), {})
+                for key, buf in flat.items():
+                    slot.setdefault(key, []).append(buf.narrow(0, addr.start, addr.numel))
+            if not meta and g in base["state"]:
+                meta = {"step": base["state"][g]["step"], "lr": base["param_groups"][g]["lr"]}
+    whole = {name: {k: torch.cat(v) for k, v in slot.items()} for name, slot in parts.items()}
+    return whole, meta
+
+
+def load_bf16_state(engine, by_name: dict, meta: dict, names: dict) -> None:
+    """Hand this rank's partition of DeepSpeed's bf16 optimizer the master weights and moments of its
+    parameters, from :func:`read_bf16_state` (``names``: id(parameter) -> ppllm name); the low-precision
+    weights are then refreshed from the master copy."""
+    import deepspeed
+    opt = engine.optimizer
+    base_sd = opt.optimizer.state_dict()
+    partitions, states = [], {}
+    for g, lps in enumerate(opt.bf16_groups):
+        part = torch.zeros_like(opt.fp32_groups_flat_partition[g], device="cpu")
+        moments = {k: torch.zeros_like(part) for k in BF16_STATE_KEYS}
+        for lp in lps:
+            if lp._hp_mapping is None:
+                continue
+            hp, lp_at = lp._hp_mapping.get_hp_fragment_address(), lp._hp_mapping.lp_fragment_address
+            saved = by_name[names[id(lp)]]
+            if saved["fp32"].numel() != lp.numel():
+                raise ValueError(f"{names[id(lp)]}: {saved['fp32'].numel()} values saved, {lp.numel()} now")
+            for buf, key in [(part, "fp32")] + [(moments[k], k) for k in BF16_STATE_KEYS]:
+                buf.narrow(0, hp.start, hp.numel).copy_(saved[key].narrow(0, lp_at.start, lp_at.numel))
+        partitions.append(part)
+        states[g] = {"step": meta["step"].clone(), **moments}
+    for group in base_sd["param_groups"]:
+        group["lr"] = meta["lr"]
+    base_sd["state"] = states
+    dp_rank = torch.distributed.get_rank(group=engine.grid.get_data_parallel_group())
+    mine = {"base_optimizer_state": base_sd, "single_partition_of_fp32_groups": partitions,
+            "ds_version": deepspeed.__version__, "clip_grad": opt.clip_grad}
+    opt.load_state_dict([mine if r == dp_rank else None for r in range(dp_rank + 1)], load_from_fp32_weights=True)
+    opt.update_lp_params()
+
+
+def ds_param_name_to_layer_name(ds_name: str, tied_owner: dict[str, int]) -> str:
+    """DeepSpeed's name of a pipeline parameter (``"3.mlp.up.weight"``, ``"tied_modules.embed.weight"``)
+    as ppllm's ``"<layer index>.<name>"`` (a tied copy named after the layer that owns it)."""
+    if ds_name.startswith("tied_modules."):
+        key, _, attr = ds_name[len("tied_modules."):].partition(".")
+        return f"{tied_owner[key]}.{attr}"
+    return ds_name
 
 
 def client_optimizer(engine) -> torch.optim.Optimizer:

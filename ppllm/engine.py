@@ -137,6 +137,7 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
     """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed.
     Returns (engine, loss_fn, topology)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     from ppllm.pipeline import PipeModel
     topo = ds_compat.topology(pipe, data)
@@ -144,13 +145,13 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
     model = PipeModel(family.build_specs(margs, attention), bounds=bounds, topology=topo, loss_fn=loss_fn,
                       seed_layers=True, base_seed=seed,
                       activation_checkpoint_interval=1 if grad_ckpt else 0,
-                      checkpointable_layers=[family.decoder_class.__name__] if grad_ckpt else None)
+                      checkpointable_layers=[family.decoder_class.__name__] if grad_ckpt else None,
+                      weights=model_path, device=get_accelerator().current_device_name(),
+                      dtype=training_dtype(ds_cfg))
     if lora is not None:
         from ppllm.lora import apply_lora
         apply_lora(model, lora)
         model.flag_stage_parameters()
-    if model_path is not None:
-        model.load_layer_files(model_path)
     groups = param_groups(model, no_decay if no_decay is not None else ["bias", "norm"])
     ds_cfg, optimizer = _client_optimizer(ds_cfg, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=groups,
@@ -158,6 +159,15 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
     ds_compat.measure_grad_norm_before_step(engine)
     check_precision(engine, ds_cfg)
     return engine, loss_fn, topo
+
+
+def training_dtype(ds_cfg: dict) -> torch.dtype:
+    """The dtype the stage's weights live in (DeepSpeed keeps fp32 master copies for bf16/fp16)."""
+    if (ds_cfg.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds_cfg.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def check_precision(engine, ds_cfg: dict) -> None:

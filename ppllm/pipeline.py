@@ -15,12 +15,41 @@ from ppllm.paths import layer_file
 
 
 class PipeModel(ds_compat.BoundedPipelineModule):
-    """This rank's stage of a family's layer list, with explicit stage bounds (``model_topo.parts``)."""
+    """This rank's stage of a family's layer list, with explicit stage bounds (``model_topo.parts``).
 
-    def __init__(self, layers, *, bounds: list[int], **kwargs):
-        super().__init__(layers, bounds=bounds, **kwargs)
+    ``weights``: a pipeline folder to load. Then the stage is built on the meta device and each
+    layer gets its storage on ``device`` in ``dtype`` and its values from its file, one layer at
+    a time: host memory stays near one layer (the file is memory-mapped), and nothing is
+    initialised randomly only to be overwritten. Without ``weights`` (``from_scratch``) the layers
+    are built and initialised directly on ``device`` (DeepSpeed seeds each layer), then cast."""
+
+    def __init__(self, layers, *, bounds: list[int], weights: str | None = None, device: str | None = None,
+                 dtype: torch.dtype = torch.float32, **kwargs):
+        self._device = torch.device(device or "cpu")
+        self._dtype = dtype
+        if weights is None:
+            with torch.device(self._device):
+                super().__init__(layers, bounds=bounds, **kwargs)
+            self.to(dtype)
+        else:
+            super().__init__(layers, bounds=bounds, materialise=lambda m: m._materialise(weights), **kwargs)
         self.freeze_unused_tied_parts()
         self.flag_stage_parameters()
+
+    def _materialise(self, directory: str) -> None:
+        """Storage and values for the meta-built stage: layer files for this stage's layers; a
+        tied module re-used here but owned elsewhere is zeroed (DeepSpeed's tied-weight sync,
+        right after, copies the owner's values in)."""
+        def load_all():
+            for index, layer in self.local_layers():
+                layer.to(self._dtype).to_empty(device=self._device)
+                load_layer(layer, directory, index)
+        errors.agree(load_all)
+        for _, module, _, owners in self.tied_groups():
+            if not any(i in self.stage_range for i in owners):
+                module.to(self._dtype).to_empty(device=self._device)
+                for p in module.parameters():
+                    p.detach().zero_()
 
     def freeze_unused_tied_parts(self) -> None:
         """A tied module is built whole on every stage that uses it, but a stage that only runs its

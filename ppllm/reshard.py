@@ -13,9 +13,15 @@ a resume under another topology can hand each parameter its own Adam moments and
 * RNG from the same global rank where it existed (the families have no dropout, so the loss
   curve does not depend on it).
 
-Refused before launch, with the weights-only route: ZeRO (partitioned flat state), bf16/fp16
-(DeepSpeed's mixed-precision optimizers keep flat fp32 copies), LoRA adapter checkpoints, another
-optimizer type, and a different number of rows per step (the data position would not carry).
+bf16 runs (DeepSpeed's bf16 optimizer under ZeRO-1, ppllm's default on GPUs) keep the fp32 master
+weights and Adam moments in flat buffers, a slice per data-parallel rank, in
+``bf16_zero_pp_rank_D_mp_rank_SS_optim_states.pt``; each file also says where every parameter's part
+of its slice is, so a resume gathers each parameter whole by name and hands every new rank its new
+slice (``ds_compat.read_bf16_state`` / ``load_bf16_state``).
+
+Refused before launch, with the weights-only route: fp32 under ZeRO, CPU offload, fp16, a change of
+precision, LoRA adapter checkpoints, another optimizer type, and a different number of rows per step
+(the data position would not carry).
 """
 from __future__ import annotations
 
@@ -75,10 +81,14 @@ def plan(tag_dir: str, new: dict) -> str:
     elif old["lora"] or new["lora"]:
         why = "LoRA adapter checkpoints are resumed only with the topology they were written with"
         route = f"resume with {_describe(old)}"
-    elif old["zero_stage"] or new["zero_stage"] or old["offload"] or new["offload"]:
-        why = "ZeRO partitions the optimizer state into flat per-rank buffers"
-    elif old["precision"] != "fp32" or new["precision"] != "fp32":
-        why = f"{old['precision']}/{new['precision']} training keeps DeepSpeed's flat mixed-precision state"
+    elif old["offload"] or new["offload"]:
+        why = "CPU offload keeps the optimizer state in DeepSpeed's flat ZeRO buffers"
+    elif old["precision"] != new["precision"]:
+        why = f"the precision changed ({old['precision']} -> {new['precision']})"
+    elif old["precision"] == "fp16":
+        why = "fp16 training keeps DeepSpeed's flat mixed-precision state"
+    elif old["precision"] == "fp32" and (old["zero_stage"] or new["zero_stage"]):
+        why = "ZeRO partitions the fp32 optimizer state into flat per-rank buffers"
     elif old["optimizer"] != new["optimizer"]:
         why = f"the optimizer changed ({old['optimizer'] or 'none'} -> {new['optimizer'] or 'none'})"
     elif old["rows_per_step"] != new["rows_per_step"]:
@@ -129,6 +139,8 @@ def load_resharded(engine, tag_dir: str, model_path_loaded: bool = True) -> dict
     record = read_record(tag_dir)
     old_stages = len(record["bounds"]) - 1
     engine.module.load_layer_files(tag_dir)
+    if record["precision"] == "bf16":
+        return _load_resharded_bf16(engine, tag_dir, record)
     by_name: dict[str, dict] = {}
     lr = None
     first = None
@@ -150,6 +162,27 @@ def load_resharded(engine, tag_dir: str, model_path_loaded: bool = True) -> dict
     for group in new_sd["param_groups"]:
         group["lr"] = lr
     optimizer.load_state_dict(new_sd)
+    if engine.lr_scheduler is not None and first.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(first["lr_scheduler"])
+    ds_compat.restore_counters(engine, first)
+    return {k: first[k] for k in ("step", "data") if k in first}
+
+
+def _load_resharded_bf16(engine, tag_dir: str, record: dict) -> dict:
+    """The bf16 optimizer's master weights and moments, gathered by name from every old stage and
+    data-parallel slice, then split into this rank's new slice; schedule and counters as for fp32."""
+    module = engine.module
+    tied_owner = {key: owners[0] for key, _, _, owners in module.tied_groups()}
+    by_name: dict[str, dict] = {}
+    meta: dict = {}
+    for s in range(len(record["bounds"]) - 1):
+        found, m = ds_compat.read_bf16_state(tag_dir, s, record["dims"][1],
+                                             lambda n: ds_compat.ds_param_name_to_layer_name(n, tied_owner))
+        for name, values in found.items():
+            by_name.setdefault(name, values)  # a tied copy: the owner's stage comes first
+        meta = meta or m
+    ds_compat.load_bf16_state(engine, by_name, meta, param_names(module))
+    first = torch.load(ds_model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)
     if engine.lr_scheduler is not None and first.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(first["lr_scheduler"])
     ds_compat.restore_counters(engine, first)

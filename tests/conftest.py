@@ -4,7 +4,14 @@ not). Remove the ones no live process maps after each test, so a full run does n
 import glob
 import os
 
+import sys
+
 import pytest
+
+# DeepSpeed JIT-builds its CPU ops into torch's extension cache, keyed by op name only: two checkouts
+# with their own venvs rebuild each other's op (the include paths differ) and wait on each other's
+# lock file. One cache per venv, for the suite and every process it starts.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def _mapped() -> set[str]:

@@ -187,18 +187,26 @@ def test_bf16_on_a_device_without_bf16_is_refused_in_one_line(tmp_path, monkeypa
 TEXTS = [f"Sample {i}: the river ran fast beneath the middle arch of the old bridge." for i in range(7)]
 
 
-def _torchrun(cfg, env=None):
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    cmd = [os.path.join(os.path.dirname(PY), "torchrun"), "--nproc-per-node", "2", "--master-port",
-           str(free_port()), "train_pp.py", "--config", str(cfg)]
-    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    return p.stdout
+def _torchrun(cfg, nodes: int = 1):
+    """``torchrun`` on this machine: one node of 2 processes, or 2 "nodes" of 1 process each (two
+    torchrun agents meeting at the same master, as on two hosts)."""
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    torchrun = os.path.join(os.path.dirname(PY), "torchrun")
+    port = str(free_port())
+    per_node = 2 // nodes
+    procs = [subprocess.Popen([torchrun, "--nnodes", str(nodes), "--node-rank", str(i), "--nproc-per-node",
+                               str(per_node), "--master-addr", "127.0.0.1", "--master-port", port, "train_pp.py",
+                               "--config", str(cfg)], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(nodes)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-6000:]
+    return outs[0]
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.multiprocess
-def test_torchrun_trains_bf16_resumes_and_exports(tmp_path):
+def test_torchrun_on_two_nodes_trains_bf16_then_one_node_resumes_and_exports(tmp_path):
     pp, data = tiny_pipeline_model(tmp_path, TEXTS)
     base = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}},
             "model_path": str(pp), "save_path": str(tmp_path / "run"), "data_path": str(data),
@@ -207,7 +215,7 @@ def test_torchrun_trains_bf16_resumes_and_exports(tmp_path):
             "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}, "gradient_clipping": 1.0}
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump(base))
-    out = _torchrun(cfg)
+    out = _torchrun(cfg, nodes=2)  # pipe=2 across two torchrun "nodes"
     assert "launched by torchrun: 2 processes, rank 0 on cpu" in out, out
     assert "gradients accumulated in fp32 (ZeRO stage 1)" in out, out
     # read off the engine DeepSpeed built, not the config
