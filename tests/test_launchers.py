@@ -225,8 +225,28 @@ def test_torchrun_on_two_nodes_trains_bf16_then_one_node_resumes_and_exports(tmp
     assert f"resumed from {tmp_path / 'run' / 'global_step3'} at step 3" in out, out
     steps = [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5]
+    # every parameter got gradients in bf16 (the head's used to be dropped by DeepSpeed's bf16 optimizer)
+    from ppllm import ds_compat
+    for stage in range(2):
+        found, _ = ds_compat.read_bf16_state(str(tmp_path / "run" / "global_step5"), stage, 1, lambda n: n)
+        assert found and all(v["exp_avg"].abs().max() > 0 for v in found.values()), \
+            [n for n, v in found.items() if not v["exp_avg"].abs().max() > 0]
     from ppllm import convert
     convert.pp_to_hg(str(tmp_path / "run"), str(tmp_path / "export"), quiet=True)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
     assert model(torch.tensor([[1, 5, 9]])).logits.isfinite().all()
+
+
+def test_make_runs_the_suite_on_cpu_on_a_gpu_host(tmp_path):
+    """With nvidia-smi on PATH the Makefile used to export an empty DS_ACCELERATOR, which DeepSpeed
+    rejects; now make demo/test/test-fast run CPU processes there too (make gpu-check uses the GPU)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "MAKEFLAGS", "MAKELEVEL")}
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    p = subprocess.run(["make", "-pn", "test-fast"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    lines = [line.strip() for line in p.stdout.splitlines() if line.startswith("DS_ACCELERATOR")]
+    assert lines and lines[-1].split("=")[-1].strip() == "cpu", lines
