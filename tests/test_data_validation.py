@@ -107,12 +107,12 @@ def test_json_array_errors_name_the_line_where_the_object_starts(tmp_path, templ
 
 def test_array_streams_through_small_windows(tmp_path):
     """Objects that straddle read blocks and multi-byte characters at block ends."""
-    from data import dataset
+    from data import records
     recs = [{"type": "pretrain", "text": "é水" * (i % 7 + 1)} for i in range(60)]
     p = tmp_path / "big.json"
     p.write_text(json.dumps(recs, indent=2, ensure_ascii=False))
     with open(p, "rb") as f:
-        got = list(dataset._iter_array(f, None, block=37))
+        got = list(records._iter_array(f, None, block=37))
     assert [o for _, o in got] == recs
     assert [n for n, _ in got][:2] == [2, 6]
     assert all(not isinstance(o, RecordError) for _, o in iter_records(str(p)))
