@@ -409,6 +409,27 @@ def _load_cached(folder: str, path: str) -> Source:
                   arr["trained"], meta)
 
 
+def _remove_stale_staging(root: str, base: str) -> None:
+    """Staging folders of this file left by killed preparations on this host (their process is gone)."""
+    host = socket.gethostname()
+    for name in os.listdir(root):
+        if not name.startswith(f"{base}.") or ".tmp" not in name:
+            continue
+        owner = name.rsplit(".tmp", 1)[1]
+        pid = owner.rsplit("-", 1)[-1]
+        if owner.startswith("-") and not owner.startswith(f"-{host}-"):
+            continue  # another host's preparation: it may still be running
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def cache_folder(path: str, template: Template, max_len: int, overlong: str = "truncate") -> str:
     """Where the prepared form of ``path`` lives (it is current when ``meta.json`` is there)."""
     return os.path.join(_cache_root(path), f"{os.path.basename(path)}.{_cache_key(path, template, max_len, overlong)}")
@@ -433,22 +454,28 @@ def prepare_file(path: str, template: Template, max_len: int, overlong: str = "t
     with open(os.path.join(root, f"{base}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process prepares, the others wait and then read
         if not os.path.isfile(os.path.join(folder, "meta.json")):
-            tmp = f"{folder}.tmp{os.getpid()}"
+            _remove_stale_staging(root, base)
+            tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             rank = f" on rank {os.environ['RANK']}" if "RANK" in os.environ else ""
             print(f"data: preparing {path} ({os.path.getsize(path) / 1e6:.1f} MB) with "
                   f"{prepare_workers(path, workers)} tokenizing process(es){rank}; cache {folder}", flush=True)
-            os.makedirs(tmp)
-            with open(os.path.join(tmp, "tokens.bin"), "wb") as tf, open(os.path.join(tmp, "labels.bin"), "wb") as lf:
-                meta, arrays = _prepare_into(path, template, max_len, overlong, tf, lf, progress, workers)
-            meta["prepared_by"] = {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")}
-            np.savez(os.path.join(tmp, "docs.npz"), **arrays)
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f)
-            for old in os.listdir(root):  # caches of older versions of this file
-                if old.startswith(f"{base}.") and not old.endswith(".lock") and ".tmp" not in old:
-                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-            os.replace(tmp, folder)
+            try:
+                os.makedirs(tmp)
+                with open(os.path.join(tmp, "tokens.bin"), "wb") as tf, \
+                        open(os.path.join(tmp, "labels.bin"), "wb") as lf:
+                    meta, arrays = _prepare_into(path, template, max_len, overlong, tf, lf, progress, workers)
+                meta["prepared_by"] = {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")}
+                np.savez(os.path.join(tmp, "docs.npz"), **arrays)
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f)
+                for old in os.listdir(root):  # caches of older versions of this file
+                    if old.startswith(f"{base}.") and not old.endswith(".lock") and ".tmp" not in old:
+                        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+                os.replace(tmp, folder)
+            except BaseException:  # an error, Ctrl-C, a full disk: leave no half-written staging folder
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return _load_cached(folder, path)
 
 
