@@ -133,7 +133,7 @@ def source_weights(data_path, data_weights) -> list[float] | None:
     if data_weights is None:
         return None
     from ppllm.config import expand_data_paths
-    entries = [data_path] if isinstance(data_path, str) else list(data_path)
+    entries = list(data_path) if isinstance(data_path, list) else [data_path]
     if len(data_weights) != len(entries):
         raise DataError(f"data_weights has {len(data_weights)} entries but data_path has {len(entries)}; give one "
                         f"weight per data_path entry")
@@ -145,11 +145,11 @@ def source_weights(data_path, data_weights) -> list[float] | None:
     return out
 
 
-
 def build_rows(files: list[str], template: Template, max_len: int, packing: bool = True,
                overlong: str = "truncate", seed: int = 0, strict: bool = True, weights: list[float] | None = None,
-               cache: bool = True, progress: bool = False, workers: int | None = None) -> tuple[PackedRows, DataStats]:
-    sources = load_sources(files, template, max_len, overlong, strict, cache, progress, workers)
+               cache: bool = True, progress: bool = False, workers: int | None = None,
+               fields: list[dict | None] | None = None, cache_dir: str | None = None) -> tuple[PackedRows, DataStats]:
+    sources = load_sources(files, template, max_len, overlong, strict, cache, progress, workers, fields, cache_dir)
     if weights is not None and len(weights) != len(files):
         raise DataError(f"{len(weights)} weights for {len(files)} data files")
     stats = DataStats(row_len=max_len)

@@ -22,11 +22,12 @@ import os
 import shutil
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .records import DataError, RecordError, chunk_records, parse, record_chunks
+from .records import DataError, RecordError, chunk_records, location, parse, record_chunks
 from .samples import SAMPLE_TYPES, SampleError, check, parts_for
 from .templates import Target, Template, encode_parts
 
@@ -103,13 +104,27 @@ _COUNTERS = ("records", "truncated", "dropped", "untrained", "windowed", "window
 _WORKER: dict = {}
 
 
-def _init_worker(template: Template, max_len: int, overlong: str) -> None:
+def _init_worker(template: Template, max_len: int, overlong: str, fields: dict | None = None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism: one thread per worker
     if hasattr(template.tok, "threads"):
         template.tok.threads = 1
     gc.disable()  # millions of small int lists make the cyclic GC rescan them over and over; none form cycles
-    _WORKER.update(template=template, max_len=max_len, overlong=overlong,
+    _WORKER.update(template=template, max_len=max_len, overlong=overlong, fields=fields,
                    frame=pretrain_frame(template) if FAST_PRETRAIN else None)
+
+
+def map_fields(obj, fields: dict | None):
+    """A record with its columns renamed to sample fields (``{"text": "content"}``: content -> text)."""
+    if not fields or not isinstance(obj, dict):
+        return obj
+    obj = dict(obj)
+    for target, column in fields.items():
+        if column not in obj:
+            have = ", ".join(repr(k) for k in list(obj)[:8])
+            raise SampleError("missing field", f"column {column!r} (data_path reads it as {target!r}) is missing; "
+                                               f"the record has {have}")
+        obj[target] = obj.pop(column)
+    return obj
 
 
 FAST_PRETRAIN = True  # tests turn it off to compare with the general encoder
@@ -138,7 +153,7 @@ def _chunk_work(path: str, chunk) -> dict:
     template, max_len, overlong = _WORKER["template"], _WORKER["max_len"], _WORKER["overlong"]
     out = {k: 0 for k in _COUNTERS}
     out.update(samples={}, skipped={}, errors=[])
-    frame = _WORKER.get("frame")
+    frame, fields = _WORKER.get("frame"), _WORKER.get("fields")
     good, parts, fast, texts = [], [], [], []
     for line, item in chunk_records(path, chunk):
         out["records"] += 1
@@ -147,7 +162,7 @@ def _chunk_work(path: str, chunk) -> dict:
             reason, message = obj.reason, obj.message
         else:
             try:
-                kind, payload = check(obj)
+                kind, payload = check(map_fields(obj, fields))
                 good.append((line, kind))
                 if frame is not None and kind == "pretrain":
                     fast.append(len(good) - 1)
@@ -160,7 +175,7 @@ def _chunk_work(path: str, chunk) -> dict:
         out["skipped"][reason] = out["skipped"].get(reason, 0) + 1
         out["n_errors"] += 1
         if len(out["errors"]) < MAX_LISTED:
-            out["errors"].append(f"{path}:{line}: {message}")
+            out["errors"].append(f"{path}:{location(chunk, line)}: {message}")
     encs = iter(encode_parts(template.tok, parts))
     fast_toks = iter(template.tok.encode_batch(texts))
     fast_at = set(fast)
@@ -301,17 +316,57 @@ def prepare_workers(path: str, workers: int | None) -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+class Progress:
+    """Progress of a preparation in the file's bytes: a bar on a terminal, otherwise a line every
+    ``PPLLM_PROGRESS_S`` seconds (default 30) with the share done, the throughput and an ETA."""
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label, self.total, self.done, self.tokens = label, max(1, total), 0, 0
+        self.t0 = self.last = time.monotonic()
+        self.every = float(os.environ.get("PPLLM_PROGRESS_S", "30"))
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"data {label}", leave=False)
+
+    def read(self, n: int) -> None:
+        self.done += n
+        if self.bar:
+            self.bar.update(n)
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += n
+        now = time.monotonic()
+        if self.enabled and not self.bar and now - self.last >= self.every:
+            self.last = now
+            print(f"data: {self.label} {self.line()}", flush=True)
+
+    def line(self) -> str:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        frac = min(1.0, self.done / self.total)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 and frac < 1 else 0.0
+        return (f"{frac:.0%} ({self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB), {rate / 1e6:.1f} MB/s, "
+                f"{self.tokens / dt / 1e3:.1f}k tokens/s, ETA {_hms(eta)}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _prepare_into(path: str, template: Template, max_len: int, overlong: str, tok_f, lab_f, progress: bool,
-                  workers: int | None = None):
+                  workers: int | None = None, fields: dict | None = None):
     """Stream ``path`` through the workers in order; tokens/labels go to the files as chunks finish,
     so memory stays at a few chunks per worker whatever the corpus size."""
     meta = _new_meta(path)
     offsets, kinds, lines, trained = array.array("q", [0]), array.array("B"), array.array("i"), array.array("i")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"data {os.path.basename(path)}",
-                   disable=not sys.stderr.isatty(), leave=False)
+    bar = Progress(os.path.basename(path), os.path.getsize(path), progress)
 
     def consume(r: dict) -> None:
         for k in _COUNTERS:
@@ -320,6 +375,7 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
             for k, v in r[name].items():
                 meta[name][k] = meta[name].get(k, 0) + v
         meta["errors"] += r["errors"][:MAX_LISTED - len(meta["errors"])]
+        bar.add_tokens(len(r["ids"]) // 4)
         tok_f.write(r["ids"])
         lab_f.write(chunk_labels(r["ids"], r["fixes"]).tobytes())
         at = offsets[-1]
@@ -332,11 +388,11 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
 
     n_workers = prepare_workers(path, workers)
     meta["workers"] = n_workers
-    chunks = record_chunks(path, bar.update if bar else None)
+    chunks = record_chunks(path, bar.read)
     if n_workers == 1:
         saved = dict(_WORKER)
         enabled = gc.isenabled()
-        _init_worker_inline(template, max_len, overlong)
+        _init_worker_inline(template, max_len, overlong, fields)
         try:
             for chunk in chunks:
                 consume(_chunk_work(path, chunk))
@@ -350,7 +406,7 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
         from collections import deque
         # fork: the workers start at once and inherit the imported modules; they only tokenize
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(n_workers, initializer=_init_worker, initargs=(template, max_len, overlong)) as pool:
+        with ctx.Pool(n_workers, initializer=_init_worker, initargs=(template, max_len, overlong, fields)) as pool:
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_chunk_work, (path, chunk)))
@@ -358,8 +414,7 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
                     consume(pending.popleft().get())
             while pending:
                 consume(pending.popleft().get())
-    if bar:
-        bar.close()
+    bar.close()
     meta["tokens"] = int(offsets[-1])
     meta["trained_tokens"] = int(np.asarray(trained, dtype=np.int64).sum()) if len(trained) else 0
     arrays = {"offsets": np.frombuffer(offsets, dtype=np.int64).copy(),
@@ -369,20 +424,28 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
     return meta, arrays
 
 
-def _init_worker_inline(template: Template, max_len: int, overlong: str) -> None:
+def _init_worker_inline(template: Template, max_len: int, overlong: str, fields: dict | None = None) -> None:
     gc.disable()
-    _WORKER.update(template=template, max_len=max_len, overlong=overlong,
+    _WORKER.update(template=template, max_len=max_len, overlong=overlong, fields=fields,
                    frame=pretrain_frame(template) if FAST_PRETRAIN else None)
 
 
-def _cache_key(path: str, template: Template, max_len: int, overlong: str) -> str:
+def _cache_key(path: str, template: Template, max_len: int, overlong: str, fields: dict | None = None) -> str:
     st = os.stat(path)
     parts = [CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns,
              getattr(template.tok, "fingerprint", type(template.tok).__name__), template.cache_tag(), max_len, overlong]
+    if fields:
+        parts.append(sorted(fields.items()))
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _cache_root(path: str) -> str:
+def _cache_root(path: str, cache_dir: str | None = None) -> str:
+    if cache_dir:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cache_dir {cache_dir!r} cannot be created ({e.strerror}); give a writable folder") from e
+        return cache_dir
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), ".ppllm-cache")
     try:
         os.makedirs(beside, exist_ok=True)
@@ -394,6 +457,12 @@ def _cache_root(path: str) -> str:
     root = os.path.join(os.environ.get("PPLLM_CACHE", os.path.expanduser("~/.cache/ppllm")), "data")
     os.makedirs(root, exist_ok=True)
     return root
+
+
+def _entry_prefix(path: str) -> str:
+    """``<file name>.<hash of its absolute path>.``: the entries of one file (files of one name in
+    different folders share a cache_dir without touching each other's entries)."""
+    return f"{os.path.basename(path)}.{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]}."
 
 
 def _load_cached(folder: str, path: str) -> Source:
@@ -409,11 +478,11 @@ def _load_cached(folder: str, path: str) -> Source:
                   arr["trained"], meta)
 
 
-def _remove_stale_staging(root: str, base: str) -> None:
+def _remove_stale_staging(root: str, prefix: str) -> None:
     """Staging folders of this file left by killed preparations on this host (their process is gone)."""
     host = socket.gethostname()
     for name in os.listdir(root):
-        if not name.startswith(f"{base}.") or ".tmp" not in name:
+        if not name.startswith(prefix) or ".tmp" not in name:
             continue
         owner = name.rsplit(".tmp", 1)[1]
         pid = owner.rsplit("-", 1)[-1]
@@ -430,63 +499,114 @@ def _remove_stale_staging(root: str, base: str) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def cache_folder(path: str, template: Template, max_len: int, overlong: str = "truncate") -> str:
-    """Where the prepared form of ``path`` lives (it is current when ``meta.json`` is there)."""
-    return os.path.join(_cache_root(path), f"{os.path.basename(path)}.{_cache_key(path, template, max_len, overlong)}")
+def cache_folder(path: str, template: Template, max_len: int, overlong: str = "truncate", fields: dict | None = None,
+                 cache_dir: str | None = None) -> str:
+    """Where the prepared form of ``path`` lives (it is complete when the folder exists: an entry
+    appears only by the rename of a complete staging folder)."""
+    return os.path.join(_cache_root(path, cache_dir),
+                        _entry_prefix(path) + _cache_key(path, template, max_len, overlong, fields))
+
+
+class _Lock:
+    """An flock on one machine, so that its ranks (or a dry run) do not prepare a file twice. It is
+    only an economy: correctness never depends on it (network filesystems may not honour flock), since
+    entries are published by an atomic rename. ``PPLLM_CACHE_LOCK=0`` turns it off."""
+
+    def __init__(self, path: str):
+        self.path, self.f = path, None
+
+    def __enter__(self):
+        if os.environ.get("PPLLM_CACHE_LOCK", "1") != "0":
+            try:
+                self.f = open(self.path, "w")
+                fcntl.flock(self.f, fcntl.LOCK_EX)
+            except OSError:  # no locks here (some network filesystems): the rename still decides
+                self.f = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.f:
+            self.f.close()
 
 
 def prepare_file(path: str, template: Template, max_len: int, overlong: str = "truncate", cache: bool = True,
-                 progress: bool = False, workers: int | None = None) -> Source:
-    """The prepared documents of one file, from the cache when it is current.
+                 progress: bool = False, workers: int | None = None, fields: dict | None = None,
+                 cache_dir: str | None = None) -> Source:
+    """The prepared documents of one file, from the cache when it is there.
 
-    ``workers`` tokenizing processes (default: every core for a file of 4 MB or more)."""
+    ``workers`` tokenizing processes (default: every core for a file of 4 MB or more); ``fields``
+    maps sample fields to the file's columns; ``cache_dir`` is the (shared) cache folder, default
+    ``.ppllm-cache`` beside the data. Any number of processes, on any number of machines, may call
+    this for one file at once: each entry is staged in a folder of its own and published by one
+    atomic rename; a preparer that finds the entry published meanwhile discards its own and uses it.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found")
     if not cache:
         import io
         tok_f, lab_f = io.BytesIO(), io.BytesIO()
-        meta, arrays = _prepare_into(path, template, max_len, overlong, tok_f, lab_f, progress, workers)
+        meta, arrays = _prepare_into(path, template, max_len, overlong, tok_f, lab_f, progress, workers, fields)
         return Source(path, np.frombuffer(tok_f.getvalue(), dtype=np.int32),
                       np.frombuffer(lab_f.getvalue(), dtype=np.int32), **arrays, meta=meta)
-    root = _cache_root(path)
-    base = os.path.basename(path)
-    folder = os.path.join(root, f"{base}.{_cache_key(path, template, max_len, overlong)}")
-    with open(os.path.join(root, f"{base}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process prepares, the others wait and then read
-        if not os.path.isfile(os.path.join(folder, "meta.json")):
-            _remove_stale_staging(root, base)
-            tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            rank = f" on rank {os.environ['RANK']}" if "RANK" in os.environ else ""
-            print(f"data: preparing {path} ({os.path.getsize(path) / 1e6:.1f} MB) with "
-                  f"{prepare_workers(path, workers)} tokenizing process(es){rank}; cache {folder}", flush=True)
-            try:
-                os.makedirs(tmp)
-                with open(os.path.join(tmp, "tokens.bin"), "wb") as tf, \
-                        open(os.path.join(tmp, "labels.bin"), "wb") as lf:
-                    meta, arrays = _prepare_into(path, template, max_len, overlong, tf, lf, progress, workers)
-                meta["prepared_by"] = {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")}
-                np.savez(os.path.join(tmp, "docs.npz"), **arrays)
-                with open(os.path.join(tmp, "meta.json"), "w") as f:
-                    json.dump(meta, f)
-                for old in os.listdir(root):  # caches of older versions of this file
-                    if old.startswith(f"{base}.") and not old.endswith(".lock") and ".tmp" not in old:
-                        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-                os.replace(tmp, folder)
-            except BaseException:  # an error, Ctrl-C, a full disk: leave no half-written staging folder
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+    folder = cache_folder(path, template, max_len, overlong, fields, cache_dir)
+    root, prefix = os.path.dirname(folder), _entry_prefix(path)
+    if os.path.isdir(folder):
+        return _load_cached(folder, path)
+    with _Lock(os.path.join(root, prefix + "lock")):
+        if not os.path.isdir(folder):
+            _stage(path, folder, root, prefix, template, max_len, overlong, progress, workers, fields)
     return _load_cached(folder, path)
 
+
+def _stage(path, folder, root, prefix, template, max_len, overlong, progress, workers, fields) -> None:
+    _remove_stale_staging(root, prefix)
+    tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rank = f" on rank {os.environ['RANK']}" if "RANK" in os.environ else ""
+    print(f"data: preparing {path} ({os.path.getsize(path) / 1e6:.1f} MB) with "
+          f"{prepare_workers(path, workers)} tokenizing process(es){rank}; cache {folder}", flush=True)
+    t0 = time.monotonic()
+    try:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "tokens.bin"), "wb") as tf, open(os.path.join(tmp, "labels.bin"), "wb") as lf:
+            meta, arrays = _prepare_into(path, template, max_len, overlong, tf, lf, progress, workers, fields)
+        meta["prepared_by"] = {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")}
+        np.savez(os.path.join(tmp, "docs.npz"), **arrays)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        try:
+            os.rename(tmp, folder)  # atomic: the entry appears complete, or not at all
+        except OSError:
+            if not os.path.isdir(folder):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another preparer published it first: use theirs
+            print(f"data: {path} was prepared meanwhile by another process; using its cache entry", flush=True)
+            return
+    except BaseException:  # an error, Ctrl-C, a full disk: leave no half-written staging folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in os.listdir(root):  # entries of older versions of this file (other content or settings)
+        if old.startswith(prefix) and old != os.path.basename(folder) and not old.endswith("lock") \
+                and ".tmp" not in old:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dt = time.monotonic() - t0
+    if progress:
+        print(f"data: prepared {path}: {meta['records']} records, {meta['tokens']} tokens in {dt:.1f} s "
+              f"({os.path.getsize(path) / 1e6 / max(dt, 1e-9):.1f} MB/s, {meta['tokens'] / max(dt, 1e-9) / 1e3:.1f}k "
+              f"tokens/s)", flush=True)
 
 
 def load_sources(files: list[str], template: Template, max_len: int, overlong: str = "truncate",
                  strict: bool = True, cache: bool = True, progress: bool = False,
-                 workers: int | None = None) -> list[Source]:
-    """Prepare every file; in strict mode any bad sample stops here with all of them listed."""
+                 workers: int | None = None, fields: list[dict | None] | None = None,
+                 cache_dir: str | None = None) -> list[Source]:
+    """Prepare every file; in strict mode any bad sample stops here with all of them listed.
+    ``fields``: the field mapping of each file (or None)."""
     if not files:
         raise DataError("no data files given")
-    sources = [prepare_file(f, template, max_len, overlong, cache, progress, workers) for f in files]
+    fields = fields or [None] * len(files)
+    sources = [prepare_file(f, template, max_len, overlong, cache, progress, workers, m, cache_dir)
+               for f, m in zip(files, fields)]
     errors = [e for s in sources for e in s.meta["errors"]]
     n_errors = sum(s.meta["n_errors"] for s in sources)
     if errors and strict:

@@ -3,12 +3,29 @@
 A new input format touches only this module. The preparing side (``data.prepare``) asks for
 chunks of records (``record_chunks``) and turns each into raw records in a worker
 (``chunk_records`` + ``parse``).
+
+Formats are recognised by content, not by name (``detect``):
+
+  JSON Lines / JSON array   plain, or compressed with gzip, zstd, bzip2 or xz (magic bytes);
+                            the layout (array or lines) is decided from the content (``json_layout``)
+  Parquet                   ``PAR1``; read row group by row group; a record's place is ROWGROUP:ROW
+  Arrow                     the IPC stream files ``datasets``' ``save_to_disk`` writes (and IPC files);
+                            a record's place is its ROW; a save_to_disk folder stands for its files
+
+For JSON a record's place is its LINE (for an array: the line where the object starts); rows
+are counted from 0, as pyarrow and ``datasets`` count them, lines from 1.
 """
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import json
+import lzma
+import os
 import re
+import zlib
+from dataclasses import dataclass
 
 from ppllm.errors import UserError
 
@@ -27,6 +44,113 @@ class DataError(UserError):
 class RecordError:
     def __init__(self, reason: str, message: str):
         self.reason, self.message = reason, message
+
+
+# ----------------------------------------------------------------------------------------
+# formats, recognised by content
+
+COMPRESSION = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+@dataclass(frozen=True)
+class Format:
+    kind: str                      # json | parquet | arrow-stream | arrow-file
+    compression: str | None = None
+
+    def __str__(self) -> str:
+        names = {"json": "JSON Lines / JSON array", "parquet": "Parquet", "arrow-stream": "Arrow (IPC stream)",
+                 "arrow-file": "Arrow (IPC file)"}
+        return names[self.kind] + (f" compressed with {self.compression}" if self.compression else "")
+
+
+def detect(path: str) -> Format:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PAR1"):
+        return Format("parquet")
+    if head.startswith(b"ARROW1"):
+        return Format("arrow-file")
+    if head.startswith(b"\xff\xff\xff\xff"):
+        return Format("arrow-stream")
+    for magic, name in COMPRESSION.items():
+        if head.startswith(magic):
+            return Format("json", name)
+    return Format("json")
+
+
+def unreadable(path: str, fmt: Format, e: BaseException, where: str = "") -> DataError:
+    """One line for a file that cannot be decoded: the file, the format tried, what failed."""
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    at = f" at {where}" if where else ""
+    return DataError(f"{path}: cannot be read as {fmt}{at} ({why}); check that the file is complete (a copy or "
+                     f"download that stopped early) and in one of the formats listed under Data in the README")
+
+
+# what decoding a damaged file raises, per library
+DECODE_ERRORS: tuple = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
+
+
+def _arrow_errors() -> tuple:
+    import pyarrow as pa
+    return (pa.ArrowException,)
+
+
+class _Counted:
+    """A binary stream reading through to ``raw``, telling ``read_bytes`` how far ``raw`` got (the
+    progress of a compressed file is measured in its own bytes)."""
+
+    def __init__(self, stream, raw, read_bytes):
+        self.stream, self.raw, self.read_bytes, self.at = stream, raw, read_bytes, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if self.read_bytes:
+            now = self.raw.tell()
+            self.read_bytes(now - self.at)
+            self.at = now
+        return data
+
+    def __iter__(self):
+        return iter(self.stream)
+
+
+def open_json(path: str, fmt: Format | None = None):
+    """A binary stream of the (decompressed) text of a JSON file; close ``.raw`` when done."""
+    fmt = fmt or detect(path)
+    raw = open(path, "rb")
+    if fmt.compression is None:
+        stream = raw
+    elif fmt.compression == "gzip":
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif fmt.compression == "zstd":
+        import zstandard
+        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    elif fmt.compression == "bzip2":
+        stream = bz2.BZ2File(raw, "rb")
+    else:
+        stream = lzma.LZMAFile(raw, "rb")
+    return stream, raw
+
+
+def arrow_folder_files(folder: str) -> list[str]:
+    """The Arrow files of a folder written by ``datasets``' ``save_to_disk`` (in their order)."""
+    state = os.path.join(folder, "state.json")
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+        try:
+            splits = json.load(open(os.path.join(folder, "dataset_dict.json"))).get("splits", [])
+        except (OSError, ValueError):
+            splits = []
+        raise DataError(f"{folder}: a DatasetDict folder (splits {', '.join(map(str, splits)) or '?'}); name the "
+                        f"split's folder, e.g. {os.path.join(folder, str(splits[0]) if splits else 'train')}")
+    if not os.path.isfile(state):
+        raise DataError(f"{folder}: a folder, and not one written by datasets' save_to_disk (it has no state.json); "
+                        f"give the data files, or a glob such as {os.path.join(folder, '*.jsonl')}")
+    try:
+        with open(state) as f:
+            names = [d["filename"] for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state}: not a save_to_disk state file ({e}); write the folder again with save_to_disk")
+    return [os.path.join(folder, n) for n in names]
 
 
 BOM = b"\xef\xbb\xbf"
@@ -69,29 +193,49 @@ def json_layout(f) -> str:
 
 
 def iter_records(path: str, read_bytes=None):
-    """Yield ``(line, obj | RecordError)`` for a JSON array or JSON Lines file.
+    """Yield ``(line, obj | RecordError)`` for every record of a file, in order (any format).
 
-    For a JSON array, ``line`` is where the object starts.  Neither form is read whole:
-    JSON Lines goes line by line, an array through a growing window of decoded text.
-    ``read_bytes(n)`` is called with the bytes consumed (progress bars).
+    For a JSON array, ``line`` is where the object starts; for Parquet and Arrow it is the row
+    in the file (``location`` names the row group). Nothing is read whole. ``read_bytes(n)`` is
+    called with the bytes of the file consumed (progress bars).
     """
-    with open(path, "rb") as f:
-        layout = json_layout(f)
-        f.seek(0)
+    fmt = detect(path)
+    if fmt.kind != "json":
+        for chunk in _column_chunks(path, fmt, CHUNK, read_bytes):
+            yield from chunk_records(path, chunk)
+        return
+    stream, raw = open_json(path, fmt)
+    with raw, stream:
+        layout = json_layout(stream)
+    stream, raw = open_json(path, fmt)
+    with raw, stream:
+        counted = _Counted(stream, raw, read_bytes)
         if layout == "array":
-            yield from _iter_array(f, read_bytes)
+            yield from _iter_array(counted, None)
         else:
-            yield from _iter_lines(f, read_bytes)
+            yield from _iter_lines(counted, None)
 
 
-def _iter_lines(f, read_bytes):
-    for n, raw in enumerate(f, 1):
+def _iter_lines(f, read_bytes, parsed: bool = True):
+    """``(line, record)`` of JSON Lines; with ``parsed=False`` the raw line (a worker parses it)."""
+    n, rest = 0, b""
+    while True:
+        block = f.read(1 << 20)
         if read_bytes:
-            read_bytes(len(raw))
-        if n == 1 and raw.startswith(BOM):
-            raw = raw[3:]
-        if raw.strip():
-            yield n, parse(raw)
+            read_bytes(len(block))
+        if not block:
+            lines = [rest] if rest else []
+        else:
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+        for raw in lines:
+            n += 1
+            if n == 1 and raw.startswith(BOM):
+                raw = raw[3:]
+            if raw.strip():
+                yield n, parse(raw) if parsed else raw
+        if not block:
+            return
 
 
 def _lone_surrogate(obj) -> RecordError | None:
@@ -254,17 +398,37 @@ def read_records(path: str) -> list[tuple[int, object]]:
 
 
 
+@dataclass
+class ColumnChunk:
+    """Rows of a Parquet or Arrow file: an Arrow record batch (the worker turns it into records)."""
+    batch: object             # pyarrow.RecordBatch
+    first: int                # row in the file of the batch's first row
+    group: int | None = None  # Parquet row group
+    group_first: int = 0      # row in the row group of the batch's first row
+
+
+def location(chunk, line: int) -> str:
+    """A record's place in its file: LINE, ROW, or ROWGROUP:ROW (Parquet)."""
+    if isinstance(chunk, ColumnChunk) and chunk.group is not None:
+        return f"{chunk.group}:{line - chunk.first + chunk.group_first}"
+    return str(line)
+
+
 def chunk_records(path: str, chunk):
     """``(line, raw line | object)`` of a chunk: a byte range of a JSON Lines file (read here,
-    in the worker) or a list of records an array reader already parsed."""
+    in the worker), a list of records a reader already split (array records parsed), or a batch
+    of Parquet / Arrow rows."""
     if isinstance(chunk, list):
         yield from chunk
+        return
+    if isinstance(chunk, ColumnChunk):
+        yield from _batch_records(chunk)
         return
     start, end, line = chunk
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
-    if start == 0 and data.startswith(b"\xef\xbb\xbf"):
+    if start == 0 and data.startswith(BOM):
         data = data[3:]
     for raw in data.split(b"\n"):
         if raw.strip():
@@ -272,23 +436,99 @@ def chunk_records(path: str, chunk):
         line += 1
 
 
+def _batch_records(chunk: ColumnChunk):
+    try:
+        rows = chunk.batch.to_pylist()
+    except _arrow_errors() + (UnicodeDecodeError,):  # one bad value: find it row by row
+        rows = None
+    for i in range(chunk.batch.num_rows):
+        if rows is not None:
+            yield chunk.first + i, rows[i]
+            continue
+        try:
+            yield chunk.first + i, chunk.batch.slice(i, 1).to_pylist()[0]
+        except _arrow_errors() + (UnicodeDecodeError,) as e:
+            yield chunk.first + i, RecordError("unreadable row", f"the row cannot be read ({e})")
+
+
+def _column_chunks(path: str, fmt: Format, max_records: int, read_bytes=None):
+    """ColumnChunks of a Parquet file (row group by row group) or an Arrow file."""
+    import pyarrow as pa
+    errors = _arrow_errors() + DECODE_ERRORS
+    size = os.path.getsize(path)
+    first, where = 0, ""
+    try:
+        if fmt.kind == "parquet":
+            import pyarrow.parquet as pq
+            pf = pq.ParquetFile(path)
+            total = max(1, pf.metadata.num_rows)
+            for g in range(pf.num_row_groups):
+                where, at = f"row group {g}", 0
+                for batch in pf.iter_batches(batch_size=max_records, row_groups=[g], use_threads=False):
+                    yield ColumnChunk(batch, first, g, at)
+                    if read_bytes:
+                        read_bytes(size * (first + batch.num_rows) // total - size * first // total)
+                    first += batch.num_rows
+                    at += batch.num_rows
+            return
+        with open(path, "rb") as f:
+            if fmt.kind == "arrow-stream":
+                batches = iter(pa.ipc.open_stream(f))
+            else:
+                reader = pa.ipc.open_file(f)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            done = 0
+            for big in batches:
+                for off in range(0, big.num_rows, max_records):
+                    where = f"row {first}"
+                    batch = big.slice(off, max_records)
+                    yield ColumnChunk(batch, first)
+                    first += batch.num_rows
+                if read_bytes:
+                    read_bytes(f.tell() - done)
+                    done = f.tell()
+    except errors as e:
+        raise unreadable(path, fmt, e, where) from None
+
+
 def record_chunks(path: str, read_bytes=None, max_records: int | None = None, max_bytes: int | None = None):
-    """Chunks of a file: for JSON Lines, ``(start, end, first line)`` byte ranges that end at a line
-    end (the worker reads them itself); for a JSON array, lists of records parsed here."""
+    """Chunks of a file: for plain JSON Lines, ``(start, end, first line)`` byte ranges that end at a
+    line end (the worker reads them itself); for a JSON array and compressed JSON Lines, lists of
+    records split (array: parsed) here; for Parquet and Arrow, ColumnChunks. A file that cannot be
+    decoded raises DataError naming the file and the format tried."""
     max_records = max_records or CHUNK
     max_bytes = max_bytes or CHUNK_BYTES
-    with open(path, "rb") as f:
-        layout = json_layout(f)
-    if layout == "array":
-        chunk = []
-        for line, obj in iter_records(path, read_bytes):
-            chunk.append((line, obj))
-            if len(chunk) >= max_records:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+    fmt = detect(path)
+    if fmt.kind != "json":
+        yield from _column_chunks(path, fmt, max_records, read_bytes)
         return
+    try:
+        stream, raw = open_json(path, fmt)
+        with raw, stream:
+            layout = json_layout(stream)
+        if layout == "array" or fmt.compression:
+            stream, raw = open_json(path, fmt)
+            with raw, stream:
+                counted = _Counted(stream, raw, read_bytes)
+                records = _iter_array(counted, None) if layout == "array" else _iter_lines(counted, None, parsed=False)
+                chunk, size = [], 0
+                for line, obj in records:
+                    chunk.append((line, obj))
+                    size += len(obj) if isinstance(obj, bytes) else 0
+                    if len(chunk) >= max_records or size >= max_bytes:
+                        yield chunk
+                        chunk, size = [], 0
+                if chunk:
+                    yield chunk
+            return
+    except DECODE_ERRORS as e:
+        if isinstance(e, DataError):
+            raise
+        raise unreadable(path, fmt, e) from None
+    yield from _line_ranges(path, read_bytes, max_records, max_bytes)
+
+
+def _line_ranges(path: str, read_bytes, max_records: int, max_bytes: int):
     with open(path, "rb") as f:
         start, line, buf, eof = 0, 1, b"", False
         while True:

@@ -42,7 +42,8 @@ def _guard(what: str, fn):
         raise DataError(f"{what}: {e}") from e
 
 
-def load_data(cfg, model_type: str, files: list[str] | None = None, progress: bool | None = None):
+def load_data(cfg, model_type: str, files: list[str] | None = None, progress: bool | None = None,
+              fields: list | None = None):
     """(tokenizer, packed rows, stats) of the training data; every sample is validated first."""
     from data.dataset import build_rows, source_weights
 
@@ -53,7 +54,8 @@ def load_data(cfg, model_type: str, files: list[str] | None = None, progress: bo
         weights = source_weights(cfg.run.data_path, cfg.run.data_weights) if training else None
         rows, stats = build_rows(paths, template, cfg.run.max_seq_len, cfg.run.packing, cfg.run.overlong,
                                  cfg.run.seed, strict=cfg.run.strict, weights=weights,
-                                 progress=is_rank0() if progress is None else progress)
+                                 progress=is_rank0() if progress is None else progress,
+                                 fields=cfg.data_fields() if files is None else fields, cache_dir=cfg.run.cache_dir)
         stats.template = template.name
         return tok, rows, stats
     return _guard("data", go)
@@ -66,7 +68,8 @@ def load_eval(cfg, model_type: str, progress: bool | None = None):
     if not cfg.run.eval_data_path:
         return None, None
     try:
-        _, rows, stats = load_data(cfg, model_type, expand_data_paths(cfg.run.eval_data_path), progress)
+        _, rows, stats = load_data(cfg, model_type, expand_data_paths(cfg.run.eval_data_path), progress,
+                                   cfg.data_fields(eval_data=True))
     except DataError as e:
         raise DataError(f"eval data (eval_data_path): {e}") from e
     return rows, stats
@@ -155,13 +158,14 @@ def prepare_node(cfg, model_type: str) -> None:
     from data.dataset import DataError, load_sources
     from ppllm.config import expand_data_paths
 
-    def go(files):
+    def go(files, fields):
         _, template = _tokenizer_template(cfg, model_type)
-        load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True)
-    _guard("data", lambda: go(cfg.data_files()))
+        load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True,
+                     fields=fields, cache_dir=cfg.run.cache_dir)
+    _guard("data", lambda: go(cfg.data_files(), cfg.data_fields()))
     if cfg.run.eval_data_path:
         try:
-            _guard("data", lambda: go(expand_data_paths(cfg.run.eval_data_path)))
+            _guard("data", lambda: go(expand_data_paths(cfg.run.eval_data_path), cfg.data_fields(eval_data=True)))
         except DataError as e:  # the message load_eval gives (the dry run's)
             raise DataError(f"eval data (eval_data_path): {e}") from e
 

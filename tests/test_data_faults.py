@@ -124,16 +124,17 @@ def test_failed_preparation_leaves_no_staging_and_stale_staging_is_removed(tmp_p
     cache.mkdir()
     dead = subprocess.Popen([PY, "-c", "pass"])
     dead.wait()
-    (cache / f"c.jsonl.0123456789abcdef.tmp{dead.pid}").mkdir()  # a killed run's (older naming)
-    (cache / f"c.jsonl.0123456789abcdef.tmp-{os.uname().nodename}-{dead.pid}").mkdir()
-    (cache / "c.jsonl.0123456789abcdef.tmp-otherhost-1").mkdir()  # another host's: maybe running
+    entry = prepare._entry_prefix(str(p)) + "0123456789abcdef"
+    (cache / f"{entry}.tmp{dead.pid}").mkdir()  # a killed run's (older naming)
+    (cache / f"{entry}.tmp-{os.uname().nodename}-{dead.pid}").mkdir()
+    (cache / f"{entry}.tmp-otherhost-1").mkdir()  # another host's: maybe running
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(prepare, "_prepare_into", boom)
     with pytest.raises(OSError):
         build_rows([str(p)], template, 64)
-    assert sorted(n for n in os.listdir(cache) if ".tmp" in n) == ["c.jsonl.0123456789abcdef.tmp-otherhost-1"]
+    assert sorted(n for n in os.listdir(cache) if ".tmp" in n) == [f"{entry}.tmp-otherhost-1"]
     monkeypatch.undo()
     rows, stats = build_rows([str(p)], template, 64)
     assert stats.samples == {"pretrain": 2}

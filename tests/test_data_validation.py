@@ -24,7 +24,7 @@ BAD = [
     ('{"type": "pretrain", "text": oops}', "invalid JSON", "invalid JSON"),
     ('[1, 2]', "a sample must be a JSON object, got list", "not an object"),
     ('"just text"', "a sample must be a JSON object, got str", "not an object"),
-    ('{"text": "no type"}', "unknown or missing 'type' None", "missing type"),
+    ('{"content": "no type, no text"}', "unknown or missing 'type' None", "missing type"),
     ('{"type": "poem", "text": "x"}', "unknown or missing 'type' 'poem'", "unknown type"),
     ('{"type": "pretrain"}', "field 'text' must be a non-empty string (it is missing)", "missing field"),
     ('{"type": "pretrain", "text": "   "}', "field 'text' must be a non-empty string (it is empty)", "empty field"),
