@@ -65,7 +65,7 @@ class Format:
 
 def detect(path: str) -> Format:
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(4096)
     if head.startswith(b"PAR1"):
         return Format("parquet")
     if head.startswith(b"ARROW1"):
@@ -75,6 +75,10 @@ def detect(path: str) -> Format:
     for magic, name in COMPRESSION.items():
         if head.startswith(magic):
             return Format("json", name)
+    if b"\x00" in head:
+        raise DataError(f"{path}: binary content (NUL bytes at its start) that is none of the formats read: JSON Lines "
+                        f"or JSON (UTF-8 text, or compressed with gzip, zstd, bzip2 or xz), Parquet, Arrow; give "
+                        f"a file in one of them")
     return Format("json")
 
 

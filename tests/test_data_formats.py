@@ -121,6 +121,14 @@ def test_parquet_reads_like_json_lines_and_names_rowgroup_and_row(tmp_path, temp
     assert stats.samples == {"pretrain": 39} and stats.skipped == {"empty field": 1}
 
 
+def test_unknown_binary_file_is_one_line(tmp_path, template):
+    p = tmp_path / "corpus.jsonl"
+    p.write_bytes(b"\x04\x22\x4d\x18" + bytes(range(256)) * 4)  # an lz4 frame: not a format read here
+    with pytest.raises(DataError) as e:
+        build_rows([str(p)], template, 64)
+    assert str(e.value).startswith(f"{p}: binary content") and "\n" not in str(e.value)
+
+
 def test_truncated_parquet_is_one_line_naming_the_format(tmp_path, template):
     p = tmp_path / "cut.parquet"
     write_parquet(p, TEXTS)
