@@ -261,6 +261,9 @@ def _share_child(spec: str, files: list[str], tok_dir: str, max_len: int, cache_
     k, n = parse_share(spec)
     tok = load_tokenizer(tok_dir, "llama")
     template = get_template("auto", tok, "llama")
+    open(os.path.join(cache_dir + ".go", f"ready{k}"), "w").close()
+    while not os.path.exists(os.path.join(cache_dir + ".go", "go")):  # all preparers start working together
+        time.sleep(0.01)
     c0, t0 = _cpu_seconds(), time.time()
     for i in share_files(files, [os.path.getsize(f) for f in files], k, n):
         prepare_file(files[i], template, max_len, workers=1, cache_dir=cache_dir)
@@ -303,14 +306,19 @@ def formats_main(a) -> None:
         for r in range(a.rounds):
             for n in (1, 2):
                 cache = os.path.join(tmp, f"cache{n}-{r}")
+                os.makedirs(cache + ".go")
                 procs = [subprocess.Popen(base + ["--share-child", f"{k}/{n}", "--cache-dir", cache, *parts],
                                           stdout=subprocess.PIPE, text=True) for k in range(n)]
+                while len(os.listdir(cache + ".go")) < n:  # interpreter start-up is not preparation
+                    time.sleep(0.01)
+                open(os.path.join(cache + ".go", "go"), "w").close()
                 got = [json.loads(pr.communicate()[0].strip().splitlines()[-1]) for pr in procs]
                 # from the first preparer starting to work to the last one done (interpreter start-up excluded)
                 walls[n].append(max(g["end"] for g in got) - min(g["start"] for g in got))
                 cpus[n].append(sum(g["cpu"] for g in got))
                 assert len([e for e in os.listdir(cache) if not e.endswith("lock")]) == len(parts)
                 shutil.rmtree(cache)
+                shutil.rmtree(cache + ".go")
             print(f"round {r + 1} shares: 1 preparer {walls[1][-1]:.1f} s ({cpus[1][-1]:.1f} CPU s), 2 preparers "
                   f"{walls[2][-1]:.1f} s ({cpus[2][-1]:.1f} CPU s)", flush=True)
         # peak RSS: a quarter and all of the corpus, per format, each prepared cold in a fresh process

@@ -9,7 +9,8 @@ At launch, ``make_loaders`` runs in three agreed phases (``ppllm.errors.agree``:
 any rank stops every rank, and rank 0 prints it once):
 
 1. one rank per node prepares every file (tokenizes with all cores, writes the cache) while
-   the node's other ranks wait;
+   the node's other ranks wait; with a ``cache_dir`` on several nodes, each node first prepares
+   its share of the files (``ppllm.prepare.share_files``), then what is still missing;
 2. the data-reading ranks memory-map the prepared files and pack the rows;
 3. every rank learns the row counts (and that the readers agree on them) and so the step counts.
 """
@@ -153,12 +154,19 @@ def _node_preparer(cfg, rank: int) -> bool:
     return bool(mine) and rank == mine[0]
 
 
-def prepare_node(cfg, model_type: str) -> None:
-    """Tokenize and cache every training and eval file (a cache hit when already prepared)."""
+def prepare_node(cfg, model_type: str, share: tuple[int, int] | None = None) -> None:
+    """Tokenize and cache every training and eval file (a cache hit when already prepared); with
+    ``share=(k, n)`` only the files of share k of n (``ppllm.prepare.share_files``)."""
     from data.dataset import DataError, load_sources
     from ppllm.config import expand_data_paths
+    from ppllm.prepare import share_files
 
     def go(files, fields):
+        if share is not None:
+            mine = share_files(files, [os.path.getsize(f) for f in files], *share)
+            files, fields = [files[i] for i in mine], [fields[i] for i in mine]
+            if not files:
+                return
         _, template = _tokenizer_template(cfg, model_type)
         load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True,
                      fields=fields, cache_dir=cfg.run.cache_dir)
@@ -176,7 +184,15 @@ def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: in
     Every rank must call this (it runs collectives)."""
     from data.dataset import DataError, StepLoader
     rank = torch.distributed.get_rank()
-    errors.agree(lambda: prepare_node(cfg, model_type) if _node_preparer(cfg, rank) else None)
+    preparer = _node_preparer(cfg, rank)
+    local_size = int(os.environ.get("LOCAL_SIZE", cfg.world_size))
+    nodes = max(1, cfg.world_size // max(1, local_size))
+    if cfg.run.cache_dir and nodes > 1:
+        # a cache_dir shared by the nodes: each node first prepares its share of the files, so that
+        # no node tokenizes what another prepares; then (below) what is still missing (a cache_dir
+        # that is not shared after all: every node's own)
+        errors.agree(lambda: prepare_node(cfg, model_type, (rank // local_size, nodes)) if preparer else None)
+    errors.agree(lambda: prepare_node(cfg, model_type) if preparer else None)
 
     def build():
         if not has_data:

@@ -267,6 +267,14 @@ def test_prepare_command_shares_files_between_machines(tmp_path):
                          text=True, timeout=300)
     assert dry.returncode == 0 and "data: preparing" not in dry.stdout, dry.stdout + dry.stderr
     assert f"pretrain={len(TEXTS)}" in dry.stdout
+    # at launch, with a cache_dir on 2 nodes, each node's preparer first takes the same share
+    from ppllm.config import load_config
+    from ppllm.feed import prepare_node
+    from ppllm.prepare import share_files
+    prepare_node(load_config(str(path), [f"cache_dir={tmp_path / 'node1'}"]), "llama", (1, 2))
+    files = expand_data_paths(str(data / "*.parquet"))
+    want = sorted(os.path.basename(files[i]) for i in share_files(files, [os.path.getsize(f) for f in files], 1, 2))
+    assert sorted(n.split(".")[0] + ".parquet" for n in os.listdir(tmp_path / "node1") if not n.endswith("lock")) == want
     bad = subprocess.run([PY, "-m", "ppllm.prepare", "--config", str(path), "--share", "2/2"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error: --share '2/2'" in bad.stdout and "Traceback" not in bad.stderr
