@@ -455,9 +455,10 @@ def _batch_records(chunk: ColumnChunk):
             yield chunk.first + i, RecordError("unreadable row", f"the row cannot be read ({e})")
 
 
-def _column_chunks(path: str, fmt: Format, max_records: int, read_bytes=None):
+def _column_chunks(path: str, fmt: Format, max_records: int, read_bytes=None, max_bytes: int | None = None):
     """ColumnChunks of a Parquet file (row group by row group) or an Arrow file."""
     import pyarrow as pa
+    max_bytes = max_bytes or CHUNK_BYTES
     errors = _arrow_errors() + DECODE_ERRORS
     size = os.path.getsize(path)
     first, where = 0, ""
@@ -468,7 +469,10 @@ def _column_chunks(path: str, fmt: Format, max_records: int, read_bytes=None):
             total = max(1, pf.metadata.num_rows)
             for g in range(pf.num_row_groups):
                 where, at = f"row group {g}", 0
-                for batch in pf.iter_batches(batch_size=max_records, row_groups=[g], use_threads=False):
+                meta = pf.metadata.row_group(g)
+                per_row = meta.total_byte_size / max(1, meta.num_rows)  # a chunk holds at most ~max_bytes of text
+                rows = max(1, min(max_records, int(max_bytes // max(per_row, 1))))
+                for batch in pf.iter_batches(batch_size=rows, row_groups=[g], use_threads=False):
                     yield ColumnChunk(batch, first, g, at)
                     if read_bytes:
                         read_bytes(size * (first + batch.num_rows) // total - size * first // total)
@@ -483,9 +487,10 @@ def _column_chunks(path: str, fmt: Format, max_records: int, read_bytes=None):
                 batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             done = 0
             for big in batches:
-                for off in range(0, big.num_rows, max_records):
+                rows = max(1, min(max_records, int(max_bytes // max(big.nbytes / max(1, big.num_rows), 1))))
+                for off in range(0, big.num_rows, rows):
                     where = f"row {first}"
-                    batch = big.slice(off, max_records)
+                    batch = big.slice(off, rows)
                     yield ColumnChunk(batch, first)
                     first += batch.num_rows
                 if read_bytes:
@@ -504,7 +509,7 @@ def record_chunks(path: str, read_bytes=None, max_records: int | None = None, ma
     max_bytes = max_bytes or CHUNK_BYTES
     fmt = detect(path)
     if fmt.kind != "json":
-        yield from _column_chunks(path, fmt, max_records, read_bytes)
+        yield from _column_chunks(path, fmt, max_records, read_bytes, max_bytes)
         return
     try:
         stream, raw = open_json(path, fmt)

@@ -286,3 +286,19 @@ def test_memory_arrays_of_a_parquet_source_are_compact(tmp_path, template):
     src = prepare_file(str(p), template, 64)
     assert src.tokens.dtype == np.int32 and isinstance(src.tokens, np.memmap)
     assert src.lines.tolist()[:3] == [0, 1, 2]  # rows counted from 0
+
+
+def test_column_chunks_are_bounded_in_bytes_and_cover_every_row_once(tmp_path):
+    from data.records import chunk_records, location, record_chunks
+    p = tmp_path / "w.parquet"
+    write_parquet(p, TEXTS, row_group_size=16)
+    chunks = list(record_chunks(str(p), max_records=4096, max_bytes=400))
+    assert len(chunks) > 3 and all(c.batch.num_rows < 16 for c in chunks)
+    got = [(line, rec["text"], location(c, line)) for c in chunks for line, rec in chunk_records(str(p), c)]
+    assert [t for _, t, _ in got] == TEXTS and [n for n, _, _ in got] == list(range(len(TEXTS)))
+    assert [w for _, _, w in got][15:18] == ["0:15", "1:0", "1:1"]
+    folder = tmp_path / "ds"
+    write_arrow_folder(str(folder), TEXTS, files=1)
+    arrow = expand_data_paths(str(folder))[0]
+    chunks = list(record_chunks(arrow, max_records=4096, max_bytes=300))
+    assert [rec["text"] for c in chunks for _, rec in chunk_records(arrow, c)] == TEXTS and len(chunks) > 3
