@@ -191,7 +191,9 @@ def json_layout(f) -> str:
             return "array"  # one line: an array, whole
     try:
         json.loads(head[:nl].removeprefix(BOM))
-    except (ValueError, RecursionError):
+    except RecursionError:
+        return "lines"  # a whole line nested too deep to parse: a record of JSON Lines (reported as such)
+    except ValueError:
         return "array"  # the first line is not a whole value: an array over several lines
     return "lines"
 

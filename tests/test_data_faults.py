@@ -40,6 +40,9 @@ def test_jsonl_whose_first_line_is_an_array_reads_every_line(tmp_path, template)
     assert "1 bad sample(s)" in str(e.value) and f"{p}:1: a sample must be a JSON object, got list" in str(e.value)
     samples, skipped, _ = lenient(p, template)
     assert samples == {"pretrain": 2} and skipped == {"not an object": 1}
+    p.write_text("[" * 10000 + "]" * 10000 + "\n" + pre("one") + "\n" + pre("two") + "\n")  # too deep to parse
+    samples, skipped, errors = lenient(p, template)
+    assert samples == {"pretrain": 2} and skipped == {"too deeply nested": 1} and errors[0].startswith(f"{p}:1: ")
 
 
 def test_content_after_an_array_is_an_error_with_its_line(tmp_path, template):
