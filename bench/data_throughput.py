@@ -344,12 +344,13 @@ def formats_main(a) -> None:
         return f"{min(v):.3f}..{max(v):.3f}"
     ws = [walls[1][i] / walls[2][i] for i in range(a.rounds)]
     cs = [cpus[2][i] / cpus[1][i] for i in range(a.rounds)]
-    print(f"RESULT parquet_vs_tokenizer_cpu={np.median(ratios['parquet']):.3f} ({spread(ratios['parquet'])}) "
-          f"zst_vs_tokenizer_cpu={np.median(ratios['jsonl.zst']):.3f} ({spread(ratios['jsonl.zst'])}) "
-          f"jsonl_vs_tokenizer_cpu={np.median(ratios['jsonl']):.3f} ({spread(ratios['jsonl'])}) "
-          f"two_preparers_speedup={np.median(ws):.2f} ({spread(ws)}) two_preparers_cpu_ratio={np.median(cs):.3f} "
-          f"({spread(cs)}) rss_mb_parquet={rss['parquet', 'quarter']['rss_mb']:.0f}/{rss['parquet', 'full']['rss_mb']:.0f} "
-          f"rss_mb_zst={rss['jsonl.zst', 'quarter']['rss_mb']:.0f}/{rss['jsonl.zst', 'full']['rss_mb']:.0f}")
+    print(f"spread over rounds (min..max): parquet {spread(ratios['parquet'])}, jsonl.zst {spread(ratios['jsonl.zst'])}, "
+          f"jsonl {spread(ratios['jsonl'])}; two preparers: speedup {spread(ws)}, CPU ratio {spread(cs)}")
+    print(f"RESULT parquet_vs_tokenizer_cpu={np.median(ratios['parquet']):.3f} "
+          f"zst_vs_tokenizer_cpu={np.median(ratios['jsonl.zst']):.3f} jsonl_vs_tokenizer_cpu={np.median(ratios['jsonl']):.3f} "
+          f"two_preparers_speedup={np.median(ws):.2f} two_preparers_cpu_ratio={np.median(cs):.3f} "
+          f"rss_mb_parquet_quarter={rss['parquet', 'quarter']['rss_mb']:.0f} rss_mb_parquet_full={rss['parquet', 'full']['rss_mb']:.0f} "
+          f"rss_mb_zst_quarter={rss['jsonl.zst', 'quarter']['rss_mb']:.0f} rss_mb_zst_full={rss['jsonl.zst', 'full']['rss_mb']:.0f}")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .records import DataError, RecordError, chunk_records, location, parse, record_chunks
+from .records import DataError, RecordError, chunk_records, load_reader, location, parse, record_chunks
 from .samples import SAMPLE_TYPES, SampleError, check, parts_for
 from .templates import Target, Template, encode_parts
 
@@ -388,6 +388,7 @@ def _prepare_into(path: str, template: Template, max_len: int, overlong: str, to
 
     n_workers = prepare_workers(path, workers)
     meta["workers"] = n_workers
+    load_reader(path)
     chunks = record_chunks(path, bar.read)
     if n_workers == 1:
         saved = dict(_WORKER)

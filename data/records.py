@@ -82,6 +82,18 @@ def detect(path: str) -> Format:
     return Format("json")
 
 
+def load_reader(path: str) -> Format:
+    """Import the libraries that read ``path``'s format now (before a worker pool forks, so that the
+    workers inherit them instead of each importing them); returns the format."""
+    fmt = detect(path)
+    if fmt.kind != "json":
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    elif fmt.compression == "zstd":
+        import zstandard  # noqa: F401
+    return fmt
+
+
 def unreadable(path: str, fmt: Format, e: BaseException, where: str = "") -> DataError:
     """One line for a file that cannot be decoded: the file, the format tried, what failed."""
     why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
