@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ppllm import collectives
 from ppllm.paths import (LATEST_FILE, META_FILE, PARTITION_FILE, TMP_PREFIX, copy_side_files, latest_target,
                          list_tags, read_latest, tag_for, write_atomic)
 
@@ -55,7 +56,7 @@ def save(engine, save_path: str, step: int, client_state: dict, side_files_from:
     # folder, and every step below is safe when several leaders do it on the same folder at once.
     if node_leader:
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed run)
-    dist.barrier()
+    collectives.barrier()
     engine.save_checkpoint(save_path, tag=tmp_tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=lora is not None)
     os.makedirs(tmp_dir, exist_ok=True)
@@ -64,20 +65,20 @@ def save(engine, save_path: str, step: int, client_state: dict, side_files_from:
             "zero_stage") and lora is None:
         from ppllm.reshard import write_param_index
         write_param_index(engine, tmp_dir)
-    dist.barrier()
+    collectives.barrier()
     if node_leader:
         _add_side_files(tmp_dir, side_files_from, partition, lora)
-    dist.barrier()
+    collectives.barrier()
     if node_leader:
         try:
             os.replace(tmp_dir, final)
         except FileNotFoundError:
             pass  # another node's leader on a shared filesystem renamed it first
         write_atomic(os.path.join(save_path, LATEST_FILE), tag)
-    dist.barrier()
+    collectives.barrier()
     if node_leader and keep_last:
         prune(save_path, keep_last)
-    dist.barrier()
+    collectives.barrier()
     return tag
 
 

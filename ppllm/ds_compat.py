@@ -128,21 +128,65 @@ def measure_grad_norm_before_step(engine) -> None:
     def with_norm(*args, **kwargs):
         plain_fp32 = not (engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization())
         if plain_fp32:
-            sq = torch.zeros(1, dtype=torch.float64)
-            for p in engine.module.parameters():
-                if p.grad is not None and not is_replicated(p):
-                    sq += p.grad.detach().double().pow(2).sum().cpu()
-            sq = sq.to(next(engine.module.parameters()).device)
-            torch.distributed.all_reduce(sq, group=engine.grid.get_pipe_parallel_group())
-            engine.ppllm_grad_norm = float(sq.sqrt())
+            engine.ppllm_grad_norm = pipeline_grad_norm(engine.module.parameters(),
+                                                        engine.grid.get_pipe_parallel_group())
         return take_step(*args, **kwargs)
 
     engine.ppllm_grad_norm = None
     engine._take_model_step = with_norm
 
 
+def pipeline_grad_norm(params, group) -> float:
+    """L2 norm of the gradients of every stage: this stage's parameters (tied copies counted once,
+    on their owner) reduced over the pipeline group."""
+    from ppllm import collectives
+    sq = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and not is_replicated(p):
+            sq += p.grad.detach().double().pow(2).sum().cpu()
+    collectives.all_reduce_(sq, group=group)
+    return float(sq.sqrt())
+
+
 def measured_grad_norm(engine) -> float | None:
     return getattr(engine, "ppllm_grad_norm", None)
+
+
+def grad_accumulation_dtype(engine) -> torch.dtype | None:
+    """The dtype DeepSpeed sums micro-batch gradients in: its bf16 optimizer's flat gradient buffers
+    (None when another optimizer wrapper is in use: plain fp32 sums in the parameters' .grad)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    opt = engine.optimizer
+    if isinstance(opt, BF16_Optimizer):
+        return opt.fp32_groups_gradients_flat[0].dtype if opt.fp32_groups_gradients_flat else opt.grad_acc_dtype
+    return None
+
+
+def master_weights_dtype(engine) -> torch.dtype | None:
+    """The dtype of the weights the optimizer updates (the bf16 optimizer's flat master copy)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    opt = engine.optimizer
+    if isinstance(opt, BF16_Optimizer):
+        return opt.fp32_groups_flat_partition[0].dtype
+    return None
+
+
+def fused_adam_buildable() -> bool:
+    """Can DeepSpeed's FusedAdam run here: prebuilt into the installed wheel, or JIT-buildable
+    (a CUDA compiler on the machine and a compatible torch)? Otherwise torch's fused AdamW is used."""
+    import shutil
+    from deepspeed.git_version_info import installed_ops
+    if installed_ops.get("fused_adam"):
+        return True
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+    try:
+        compatible = FusedAdamBuilder().is_compatible(verbose=False)
+    except Exception:  # noqa: BLE001 - a builder probe that crashes means "not buildable"
+        return False
+    import os
+    nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and os.path.exists(
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")))
+    return bool(compatible and nvcc)
 
 
 def client_optimizer(engine) -> torch.optim.Optimizer:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 
 from data.dataset import trained_tokens
 from models.common import next_token_mask
-from ppllm import ds_compat
+from ppllm import collectives, ds_compat
+from ppllm.log import log0
 
 
 def ds_config(cfg) -> dict:
@@ -22,17 +24,32 @@ def ds_config(cfg) -> dict:
     ds = json.loads(json.dumps(cfg.ds))
     ds.setdefault("steps_per_print", 10 ** 9)  # we do our own logging
     ds.setdefault("pipeline", {}).setdefault("use_reentrant", False)
-    precision = resolve_precision(cfg)
-    if precision == "bf16":
+    route = precision_route(cfg)
+    if route.precision == "bf16":
         ds.setdefault("bf16", {"enabled": True})
-    elif precision == "fp16":
+    elif route.precision == "fp16":
         ds.setdefault("fp16", {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                                "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1})
+    if route.grad_accum_dtype is not None:
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = route.grad_accum_dtype
+        ds.setdefault("zero_optimization", {})["stage"] = route.zero_stage
     opt = ds.get("optimizer")
-    if opt and not torch.cuda.is_available() and opt.get("type", "").lower() in ("adam", "adamw"):
-        # DeepSpeed's fused Adam needs CUDA; torch's implementation is used on CPU.
-        opt.setdefault("params", {}).setdefault("torch_adam", True)
+    if opt and opt.get("type", "").lower() in ("adam", "adamw"):
+        params = opt.setdefault("params", {})
+        if accelerator() == "cpu":
+            params.setdefault("torch_adam", True)  # DeepSpeed's fused Adam is a CUDA op
+        elif not params.get("torch_adam") and not ds_compat.fused_adam_buildable():
+            # no prebuilt FusedAdam and no nvcc to JIT-build it: torch's fused AdamW does the same on CUDA
+            params.update(torch_adam=True, fused=True)
     return ds
+
+
+def accelerator() -> str:
+    """The device kind DeepSpeed trains on here ("cuda", "cpu", ...): DS_ACCELERATOR, else what it
+    detects. Precision, the optimizer's implementation and the device checks follow it, not
+    torch.cuda.is_available() (a GPU host running the CPU suite says "cpu")."""
+    from ppllm.launch import accelerator_name
+    return accelerator_name()
 
 
 def resolve_precision(cfg) -> str:
@@ -40,8 +57,42 @@ def resolve_precision(cfg) -> str:
         if isinstance(cfg.ds.get(key), dict) and cfg.ds[key].get("enabled"):
             return key
     if cfg.run.precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+        return "fp32" if accelerator() == "cpu" else "bf16"
     return cfg.run.precision
+
+
+@dataclass(frozen=True)
+class PrecisionRoute:
+    """How a run keeps its numbers: weights/activations in ``precision``, the master weights and the
+    optimizer in fp32, gradients accumulated over micro-batches in ``grad_accum_dtype`` (None: the
+    weights' dtype, DeepSpeed's default)."""
+    precision: str
+    zero_stage: int
+    grad_accum_dtype: str | None
+
+    def describe(self) -> str:
+        if self.precision == "fp32":
+            return "precision fp32: weights, gradients and optimizer state in fp32"
+        acc = self.grad_accum_dtype or self.precision
+        return (f"precision {self.precision}: {self.precision} weights and activations, fp32 master weights and "
+                f"optimizer state, gradients accumulated in {acc}" + (f" (ZeRO stage {self.zero_stage})"
+                                                                       if self.zero_stage else ""))
+
+
+def precision_route(cfg) -> PrecisionRoute:
+    """bf16 accumulates gradients in fp32 unless the config asks otherwise: DeepSpeed's bf16
+    optimizer does that under the pipeline only with ZeRO stage 1 (``data_types.grad_accum_dtype:
+    fp32``); without it, 128 micro-batches of gradients would be summed in bf16 (8 bits of
+    mantissa). Stage 1 at data 1 partitions nothing; at data N it shards the fp32 state N ways."""
+    precision = resolve_precision(cfg)
+    zero = cfg.ds.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    asked = (cfg.ds.get("data_types") or {}).get("grad_accum_dtype")
+    if precision != "bf16" or (zero.get("offload_optimizer") or {}).get("device") == "cpu":
+        return PrecisionRoute(precision, stage, asked)
+    if asked in (None, "fp32"):
+        return PrecisionRoute(precision, max(stage, 1), "fp32")
+    return PrecisionRoute(precision, stage, asked)
 
 
 def param_groups(model: torch.nn.Module, no_decay: list[str]) -> list[dict]:
@@ -105,7 +156,24 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=groups,
                                            optimizer=optimizer, lr_scheduler=lr_scheduler)
     ds_compat.measure_grad_norm_before_step(engine)
+    check_precision(engine, ds_cfg)
     return engine, loss_fn, topo
+
+
+def check_precision(engine, ds_cfg: dict) -> None:
+    """The engine keeps the numbers the config asked for: bf16 with fp32 accumulation really got
+    DeepSpeed's bf16 optimizer with fp32 gradient buffers (a version that silently fell back to
+    bf16 sums would fail here, at start-up)."""
+    want = (ds_cfg.get("data_types") or {}).get("grad_accum_dtype")
+    if want is None or not engine.bfloat16_enabled():
+        return
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", None: "?"}
+    got = names.get(ds_compat.grad_accumulation_dtype(engine))
+    if got != want:
+        raise RuntimeError(f"DeepSpeed accumulates gradients in {got}, but the config asks for {want}")
+    weights = {names.get(p.dtype, str(p.dtype)) for p in engine.module.parameters()}
+    log0(f"engine: {'/'.join(sorted(weights))} weights, {names.get(ds_compat.master_weights_dtype(engine))} master "
+         f"weights, gradients summed in {got}")
 
 
 def grad_norm(engine) -> float | None:
@@ -120,7 +188,7 @@ def _client_optimizer(ds_cfg: dict, groups: list[dict]):
     """DeepSpeed builds Lion as FusedLion, a CUDA-only op; without CUDA use its CPU Lion instead."""
     opt = ds_cfg.get("optimizer") or {}
     offload = (ds_cfg.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device") == "cpu"
-    if opt.get("type", "").lower() != "lion" or torch.cuda.is_available() or offload:
+    if opt.get("type", "").lower() != "lion" or accelerator() != "cpu" or offload:
         return ds_cfg, None
     from deepspeed.ops.lion import DeepSpeedCPULion
     ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
@@ -162,12 +230,12 @@ def normalised(engine, batches: list | None) -> list | None:
     wants_z = _wants_z_mask(engine)
     if engine.is_last_stage():
         grid = engine.grid
-        counts = torch.tensor([float(trained_tokens(batches)) if batches else 0.0,
-                               float(z_positions(batches)) if wants_z and batches else 0.0], dtype=torch.float64)
-        torch.distributed.all_reduce(counts, group=grid.get_data_parallel_group())
+        tokens, positions = collectives.all_reduce(
+            [float(trained_tokens(batches)) if batches else 0.0,
+             float(z_positions(batches)) if wants_z and batches else 0.0], group=grid.get_data_parallel_group())
         factor = engine.gradient_accumulation_steps() * grid.get_data_parallel_world_size()
-        scale = factor / max(1.0, float(counts[0]))
-        z_scale = factor / max(1.0, float(counts[1])) if wants_z else None
+        scale = factor / max(1.0, tokens)
+        z_scale = factor / max(1.0, positions) if wants_z else None
     elif wants_z:
         z_scale = 0.0
     return with_normaliser(batches, scale, z_scale)

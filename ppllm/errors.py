@@ -12,7 +12,6 @@ once and every rank exits promptly instead of waiting forever for a peer that ha
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -26,15 +25,6 @@ class PeerError(UserError):
     """Raised on the ranks that did not fail themselves: another rank's problem, same message."""
 
 
-def collective_device():
-    """Where the agreement tensor lives: NCCL only reduces CUDA tensors (this rank's GPU)."""
-    import torch
-    import torch.distributed as dist
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return torch.device("cpu")
-
-
 def agree(block: Callable[[], T], group=None) -> T:
     """Run ``block`` here; then every rank of ``group`` learns whether any rank failed.
 
@@ -46,9 +36,10 @@ def agree(block: Callable[[], T], group=None) -> T:
     Every rank of the group must call ``agree`` the same number of times, in the same order.
     Without an initialised process group it simply runs ``block``.
     """
-    import torch
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+
+    from ppllm import collectives
+    if not collectives.active():
         return block()
     rank, world = dist.get_rank(), dist.get_world_size()
     failure: BaseException | None = None
@@ -57,17 +48,13 @@ def agree(block: Callable[[], T], group=None) -> T:
         result = block()
     except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
         failure = e
-    dev = collective_device()
-    first = torch.tensor([rank if failure is not None else world], dtype=torch.int64, device=dev)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
-    src = int(first.item())
+    src = collectives.all_reduce([rank if failure is not None else world], op="min", group=group, integer=True)[0]
     if src == world:
         return result
     text = ""
     if rank == src:
         text = str(failure) if isinstance(failure, UserError) else f"rank {rank}: {type(failure).__name__}: {failure}"
-    message = [text]
-    dist.broadcast_object_list(message, src=src, group=group, device=dev)
+    message = collectives.broadcast_object(text, src=src, group=group)
     if failure is not None:
         raise failure
-    raise PeerError(message[0])
+    raise PeerError(message)

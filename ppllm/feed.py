@@ -17,10 +17,11 @@ any rank stops every rank, and rank 0 prints it once):
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
-from ppllm import errors
+from ppllm import collectives, errors
 from ppllm.log import is_rank0
 
 
@@ -140,17 +141,14 @@ class NoData:
         return {}
 
 
-def _node_preparer(cfg, rank: int) -> bool:
-    """Is this rank the one that prepares the data on its node? The lowest data-reading rank of
-    the node (the launcher gives every node a contiguous block of LOCAL_SIZE global ranks)."""
+def node_preparer(cfg, rank: int, hosts: list[str]) -> bool:
+    """Is this rank the one that prepares the data on its node? The lowest data-reading rank among
+    the ranks on the same host (``hosts[r]``: rank r's host name). Going by names, not by blocks
+    of local ranks, keeps it right for every launcher's placement (SLURM's cyclic one too)."""
     from ppllm import ds_compat
-    local, size = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_SIZE")
     topo = ds_compat.topology(cfg.pipe, cfg.data)
     readers = [r for r in range(cfg.world_size) if topo.get_coord(r).pipe in (0, cfg.pipe - 1)]
-    if local is None or size is None:  # not started by the DeepSpeed launcher: the lowest reader
-        return rank == readers[0]
-    first = rank - int(local)
-    mine = [r for r in readers if first <= r < first + int(size)]
+    mine = [r for r in readers if hosts[r] == hosts[rank]]
     return bool(mine) and rank == mine[0]
 
 
@@ -178,20 +176,34 @@ def prepare_node(cfg, model_type: str, share: tuple[int, int] | None = None) -> 
             raise DataError(f"eval data (eval_data_path): {e}") from e
 
 
+def agreed_row_counts(mine: list[int]) -> list[int]:
+    """[training rows, eval rows] that every data-reading rank found (``-1``s on a rank that reads
+    no data); every rank learns them. Readers that disagree stop the run."""
+    from data.dataset import DataError
+    hi = collectives.all_reduce(mine, op="max", integer=True)
+    lo = collectives.all_reduce([x if x >= 0 else 2 ** 62 for x in mine], op="min", integer=True)
+    if hi != lo:
+        raise DataError(f"the data-reading ranks see different data: between {lo[0]} and "
+                        f"{hi[0]} training rows (eval: {lo[1]}..{hi[1]}); give every "
+                        f"node the same data files (same content, same paths)")
+    return hi
+
+
 def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: int, announce: bool):
     """(training loader, eval loader or None, training steps), the same step counts on every rank.
 
     Every rank must call this (it runs collectives)."""
     from data.dataset import DataError, StepLoader
     rank = torch.distributed.get_rank()
-    preparer = _node_preparer(cfg, rank)
-    local_size = int(os.environ.get("LOCAL_SIZE", cfg.world_size))
-    nodes = max(1, cfg.world_size // max(1, local_size))
-    if cfg.run.cache_dir and nodes > 1:
+    hosts = collectives.all_gather_object(socket.gethostname())
+    preparer = node_preparer(cfg, rank, hosts)
+    nodes = list(dict.fromkeys(hosts))  # host names in rank order: node k is nodes[k]
+    if cfg.run.cache_dir and len(nodes) > 1:
         # a cache_dir shared by the nodes: each node first prepares its share of the files, so that
         # no node tokenizes what another prepares; then (below) what is still missing (a cache_dir
         # that is not shared after all: every node's own)
-        errors.agree(lambda: prepare_node(cfg, model_type, (rank // local_size, nodes)) if preparer else None)
+        share = (nodes.index(hosts[rank]), len(nodes))
+        errors.agree(lambda: prepare_node(cfg, model_type, share) if preparer else None)
     errors.agree(lambda: prepare_node(cfg, model_type) if preparer else None)
 
     def build():
@@ -212,16 +224,7 @@ def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: in
 
     # every reader built the same rows from the same files; the others learn the counts
     mine = [loader.n, eval_loader.n if eval_loader is not None else 0] if has_data else [-1, -1]
-    dev = errors.collective_device()
-    hi = torch.tensor(mine, dtype=torch.int64, device=dev)
-    lo = torch.tensor([x if x >= 0 else 2 ** 62 for x in mine], dtype=torch.int64, device=dev)
-    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-    if hi.tolist() != lo.tolist():
-        raise DataError(f"the data-reading ranks see different data: between {lo.tolist()[0]} and "
-                        f"{hi.tolist()[0]} training rows (eval: {lo.tolist()[1]}..{hi.tolist()[1]}); give every "
-                        f"node the same data files (same content, same paths)")
-    n_train, n_eval = hi.tolist()
+    n_train, n_eval = agreed_row_counts(mine)
     total, eval_steps = count_steps(cfg, n_train, n_eval or None)
     if announce:
         print(format_steps(cfg, n_train, n_eval or None), flush=True)

@@ -14,7 +14,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800
 def device_peak_tflops(override: float | None) -> float | None:
     if override:
         return override
-    if not torch.cuda.is_available():
+    from ppllm.launch import accelerator_name
+    if accelerator_name() != "cuda":
         return None
     name = torch.cuda.get_device_name()
     for key, value in PEAK_TFLOPS.items():
@@ -38,9 +39,9 @@ def bubble_fraction(pipe: int, micro_batches: int) -> float:
     return (pipe - 1) / (micro_batches + pipe - 1)
 
 
-def batch_counts(batches: list | None) -> torch.Tensor:
-    """[real tokens, trained tokens, samples] of this rank's micro-batches."""
-    out = torch.zeros(3, dtype=torch.float64)
+def batch_counts(batches: list | None) -> list[float]:
+    """[real tokens, trained tokens, samples] of this rank's micro-batches (read after the step)."""
+    out = [0.0, 0.0, 0.0]
     for (ids, _, doc), labels in batches or []:
         out[0] += float((doc >= 0).sum())
         out[1] += float((labels != -100).sum())

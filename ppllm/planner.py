@@ -39,6 +39,7 @@ class Setup:
     seq_len: int
     precision: str  # bf16 | fp16 | fp32
     zero_stage: int = 0
+    grad_accum_dtype: str = ""  # the dtype micro-batch gradients are summed in ("" = the weights')
     offload_optimizer: bool = False
     grad_ckpt: bool = False
     optimizer: str = "adamw"
@@ -130,7 +131,9 @@ def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
             optim //= s.data
         if s.offload_optimizer:
             optim = 0
-        grads = trainable * (b + (4 if mixed else 0))
+        # the parameters' own gradients, plus the mixed-precision optimizer's accumulation buffer
+        accum = s.grad_accum_dtype or s.precision
+        grads = trainable * (b + (_dtype_bytes(accum) if mixed else 0))
         act = sum(layer_activation_bytes(margs, kinds[i], s) for i in range(lo, hi))
         if s.grad_ckpt and any(kinds[i] == "decoder" for i in range(lo, hi)):
             full = Setup(**{**s.__dict__, "grad_ckpt": False})
@@ -162,7 +165,9 @@ def format_plan(stages: list[StageMemory], s: Setup) -> str:
     def gb(x: int) -> str:
         return f"{x / div:8.2f}"
     lines = [f"memory plan: pipe={s.pipe} data={s.data} micro_batch={s.micro_batch} seq={s.seq_len} "
-             f"grad_accum={s.grad_accum} precision={s.precision} zero={s.zero_stage}"
+             f"grad_accum={s.grad_accum} precision={s.precision}"
+             f"{f' accumulate={s.grad_accum_dtype}' if s.grad_accum_dtype and s.precision != 'fp32' else ''}"
+             f" zero={s.zero_stage}"
              f"{' offload' if s.offload_optimizer else ''} grad_ckpt={s.grad_ckpt} optimizer={s.optimizer}"
              f"{' lora' if s.trainable_fraction < 1 else ''}",
              f"stage  layers      params(M)  weights   grads  optim  act/mb  in-flight  act  total ({unit})"]
@@ -178,7 +183,8 @@ def format_plan(stages: list[StageMemory], s: Setup) -> str:
 
 
 def setup_from_config(cfg, family=None, margs=None) -> Setup:
-    from ppllm.engine import resolve_precision
+    from ppllm.engine import precision_route
+    route = precision_route(cfg)
     zero = cfg.ds.get("zero_optimization") or {}
     opt = (cfg.ds.get("optimizer") or {}).get("type", "adamw")
     fraction = 1.0
@@ -186,7 +192,8 @@ def setup_from_config(cfg, family=None, margs=None) -> Setup:
         from ppllm.lora import trainable_fraction
         fraction = trainable_fraction(family, margs, cfg.run.lora)
     return Setup(pipe=cfg.pipe, data=cfg.data, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
-                 seq_len=cfg.run.max_seq_len, precision=resolve_precision(cfg), zero_stage=int(zero.get("stage", 0)),
+                 seq_len=cfg.run.max_seq_len, precision=route.precision, zero_stage=route.zero_stage,
+                 grad_accum_dtype=route.grad_accum_dtype or route.precision,
                  offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
                  grad_ckpt=cfg.run.use_grad_ckpt, optimizer=opt, flash=cfg.run.use_flash_attn,
                  trainable_fraction=fraction)

@@ -35,13 +35,14 @@ class ResumeError(UserError):
 
 def run_record(cfg, bounds: list[int], stage_ranks: list[list[int]]) -> dict:
     """What a save records about the run's topology and optimizer (ppllm_partition.json)."""
-    from ppllm.engine import resolve_precision
+    from ppllm.engine import precision_route
     zero = cfg.ds.get("zero_optimization") or {}
+    route = precision_route(cfg)
     return {"bounds": list(bounds), "stage_ranks": stage_ranks, "dims": [cfg.pipe, cfg.data],
             "rows_per_step": cfg.micro_batch * cfg.grad_accum * cfg.data,
-            "zero_stage": int(zero.get("stage", 0)),
+            "zero_stage": route.zero_stage, "grad_accum_dtype": route.grad_accum_dtype,
             "offload": (zero.get("offload_optimizer") or {}).get("device") == "cpu",
-            "precision": resolve_precision(cfg), "lora": cfg.run.lora is not None,
+            "precision": route.precision, "lora": cfg.run.lora is not None,
             "optimizer": ((cfg.ds.get("optimizer") or {}).get("type") or "").lower()}
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
-from ppllm import ds_compat, reshard, watchdog
+from ppllm import collectives, ds_compat, launch, reshard, watchdog
 from ppllm.config import Config, ConfigError, load_config
 from ppllm.errors import UserError
 from ppllm.feed import count_steps, format_data_stats, format_steps, load_data, load_eval, make_loaders
@@ -47,9 +47,13 @@ class Run:
     is_first: bool
 
 
-def init_process_group(cfg: Config) -> None:
+def init_process_group(cfg: Config, le: launch.LaunchEnv) -> str:
+    """Bind this rank's device, then start the process group (NCCL on GPUs, gloo on CPU); the device."""
     import deepspeed
+    launch.export(le)
+    device = launch.bind_device(le)
     deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(seconds=cfg.run.dist_timeout))
+    return device
 
 
 def setup(cfg: Config) -> Run:
@@ -121,19 +125,19 @@ def resume(cfg: Config, engine, loader, rank: int, record: dict) -> int:
             ckpt.truncate_metrics(metrics_path, start)
     elif rank == 0 and os.path.exists(metrics_path):  # keep an earlier run's curve rather than mixing them
         os.replace(metrics_path, f"{metrics_path}.{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.distributed.barrier()
+    collectives.barrier()
     return start
 
 
 def evaluate(engine, loader) -> float:
     """Token-weighted loss over the whole eval set (every row once), across micro-batches and replicas."""
-    acc = torch.zeros(2, dtype=torch.float64)
+    loss_sum, n = 0.0, 0.0
     for batches in loader.one_pass():
-        loss_sum, n = eng.eval_step(engine, batches)
+        step_loss, step_n = eng.eval_step(engine, batches)
         if engine.is_first_stage():
-            acc += torch.tensor([loss_sum, n], dtype=torch.float64)
-    torch.distributed.all_reduce(acc)
-    return float(acc[0] / max(1.0, float(acc[1])))
+            loss_sum, n = loss_sum + step_loss, n + step_n
+    loss_sum, n = collectives.all_reduce([loss_sum, n])
+    return loss_sum / max(1.0, n)
 
 
 class StepLog:
@@ -155,9 +159,9 @@ class StepLog:
     def record(self, step: int, loss: float, batches, dt: float) -> dict | None:
         """Collective over the first stage's data-parallel group (token counts); the record on rank 0."""
         engine = self.run.engine
-        counts = batch_counts(batches) if self.run.is_first else torch.zeros(3, dtype=torch.float64)
+        counts = [0.0, 0.0, 0.0]
         if self.run.is_first:
-            torch.distributed.all_reduce(counts, group=engine.grid.get_data_parallel_group())
+            counts = collectives.all_reduce(batch_counts(batches), group=engine.grid.get_data_parallel_group())
         if not self.rank0:
             return None
         lrs = engine.get_lr()
@@ -227,12 +231,13 @@ def nothing_to_train(cfg: Config, start: int, total: int) -> str:
             f"save_path to start over")
 
 
-def train(cfg: Config, quiet: bool = False) -> None:
+def train(cfg: Config, le: launch.LaunchEnv, quiet: bool = False) -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     step = 0
     try:
-        init_process_group(cfg)
+        device = init_process_group(cfg, le)
+        log0(f"launched by {le.launcher}: {le.world_size} processes, rank 0 on {device}")
         dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
         try:
             run = setup(cfg)
@@ -264,7 +269,7 @@ def loop(run: Run, quiet: bool):
     log = StepLog(run, quiet)
     every_eval, every_save = cfg.run.eval_interval, cfg.run.save_interval
     log0(f"training steps {run.start + 1}..{run.total} ({run.loader.steps_per_epoch} per epoch) on {run.world} "
-         f"processes, precision {eng.resolve_precision(cfg)}")
+         f"processes; {eng.precision_route(cfg).describe()}")
     for step in range(run.start + 1, run.total + 1):
         t0 = time.time()
         batches = run.loader.next_step()
@@ -295,8 +300,10 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
         return 2
     if note:
         print(note)
-    if eng.resolve_precision(cfg) == "fp16" and not torch.cuda.is_available():
-        print("note: precision fp16 needs a CUDA device; the launch refuses it on a machine without one")
+    print(eng.precision_route(cfg).describe() + f" (on {eng.accelerator()} here)")
+    problem = device_problem(cfg)
+    if problem:
+        print(f"note: {problem}; the launch refuses it here")
     try:
         tok, rows, stats = load_data(cfg, margs.model_type)
         eval_rows, eval_stats = load_eval(cfg, margs.model_type)
@@ -320,11 +327,29 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
     return 0
 
 
+def device_problem(cfg: Config) -> str | None:
+    """A precision this machine's accelerator cannot train in, as a line naming the fix."""
+    precision, acc = eng.resolve_precision(cfg), eng.accelerator()
+    if precision == "fp16" and acc == "cpu":
+        return "precision fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use precision: bf16 or fp32 here"
+    if precision == "bf16":
+        from deepspeed.accelerator import get_accelerator
+        if not get_accelerator().is_bf16_supported():
+            return (f"precision bf16 is not supported by this {acc} device ({get_accelerator().device_name()}); "
+                    f"use precision: fp16 (or fp32)")
+    return None
+
+
 def main(config: str, overrides: list[str], dry: bool = False, plan: bool = False, quiet: bool = False,
          show_samples: int = 0) -> int:
     """What ``train_pp.py`` runs: the dry run, the memory plan, or training under the launcher."""
-    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if launched else None
+    try:
+        le = launch.read()
+    except launch.LaunchError as e:
+        log0(f"error: {e}")
+        return 2
+    launched = le is not None
+    world = le.world_size if launched else None
     try:
         cfg = load_config(config, overrides, world_size=None if (dry or plan) else world)
     except ConfigError as e:
@@ -336,19 +361,20 @@ def main(config: str, overrides: list[str], dry: bool = False, plan: bool = Fals
     if dry or show_samples:
         return dry_run(cfg, show_samples)
     if not launched:
-        log0(f"error: start training through the DeepSpeed launcher, e.g. "
-             f"`deepspeed --num_gpus {cfg.world_size} train_pp.py --config {config}` "
-             f"(or use --dry-run to check the config)")
+        log0(f"error: start training through a launcher, e.g. "
+             f"`deepspeed --num_gpus {cfg.world_size} train_pp.py --config {config}` or `torchrun "
+             f"--nproc-per-node {cfg.world_size} train_pp.py --config {config}` (srun and mpirun work too; see "
+             f"README, Launching), or use --dry-run to check the config")
         return 2
-    if eng.resolve_precision(cfg) == "fp16" and not torch.cuda.is_available():
-        log0("error: precision fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
-             "use precision: bf16 or fp32 here")
+    problem = device_problem(cfg)
+    if problem:
+        log0(f"error: {problem}")
         return 2
     try:
         note = check_resume(cfg)
         if note:
             log0(note)
-        train(cfg, quiet=quiet)
+        train(cfg, le, quiet=quiet)
     except UserError as e:  # config, resume, data, checkpoint: agreed by every rank (ppllm.errors.agree)
         log0(f"error: {e}")  # one line, from rank 0, and a non-zero exit
         return 2

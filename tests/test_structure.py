@@ -126,3 +126,50 @@ def test_deepspeed_version_range_is_checked():
     for bad in ("0.18.9", "0.20.0", "1.0.0"):
         with pytest.raises(ImportError, match=r"DeepSpeed >=0\.19\.0,<0\.20\.0.*found " + re.escape(bad)):
             ds_compat.check_version(bad)
+
+
+# collectives ppllm issues itself; only ppllm/collectives.py may call them (it places their tensors
+# on the device the backend serves: NCCL rejects host tensors)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
+               "gather_object", "scatter", "scatter_object_list", "all_to_all", "all_to_all_single", "barrier",
+               "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+def collective_calls(path: str) -> list[str]:
+    """``<anything>.<collective>(`` calls through torch.distributed / deepspeed.comm, or a bare
+    name imported from them, in one file."""
+    tree = ast.parse(open(path).read(), path)
+    imported = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith(("torch.distributed", "deepspeed.comm"))
+                for a in node.names if a.name in COLLECTIVES}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in COLLECTIVES:
+            base = ast.unparse(f.value)
+            if base in ("dist", "torch.distributed", "deepspeed.comm", "ds_comm", "c10d") or base.endswith(
+                    "distributed"):
+                found.append(f"{path}:{node.lineno}: {ast.unparse(f)}")
+        elif isinstance(f, ast.Name) and f.id in imported:
+            found.append(f"{path}:{node.lineno}: {f.id}")
+    return found
+
+
+def test_collective_calls_finds_them(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import torch\nimport torch.distributed as dist\nfrom torch.distributed import barrier\n"
+                   "dist.all_reduce(t)\ntorch.distributed.broadcast_object_list(x, 0)\nbarrier()\n"
+                   "dist.get_rank()\nengine.all_reduce(t)\n")
+    assert [line.split(": ")[1] for line in collective_calls(str(src))] == [
+        "dist.all_reduce", "torch.distributed.broadcast_object_list", "barrier"]
+
+
+def test_collectives_only_in_the_control_plane():
+    allowed = os.path.join(REPO, "ppllm", "collectives.py")
+    offenders = [hit for mod, path in project_files().items()
+                 if mod.split(".")[0] in PACKAGES + SCRIPTS and path != allowed for hit in collective_calls(path)]
+    assert not offenders, ("collectives outside ppllm/collectives.py (NCCL needs their tensors on the current "
+                           "device; call ppllm.collectives instead):\n" + "\n".join(offenders))
