@@ -91,9 +91,10 @@ def _texts(obj) -> list[str]:
     return []
 
 
-def make_pretrain_corpus(path: str, mb: float, seed: int) -> int:
+def make_pretrain_corpus(path: str, mb: float, seed: int, typed: bool = True) -> int:
     """Pretraining documents with log-normal word counts (median ~330 words, a tail past 20,000)
-    until the file holds ``mb`` MB; returns the number of documents."""
+    until the file holds ``mb`` MB; returns the number of documents. ``typed=False``: bare
+    ``{"text": ...}`` records, as FineWeb ships them."""
     rng = np.random.default_rng(seed)
     syll = ["ka", "lo", "mi", "ren", "ta", "vo", "shi", "an", "qu", "el", "dor", "ni", "pa", "us", "ex", "ri",
             "the", "of", "and", "to", "in", "is", "was", "for"]
@@ -105,7 +106,8 @@ def make_pretrain_corpus(path: str, mb: float, seed: int) -> int:
             k = int(np.clip(rng.lognormal(np.log(330), 1.1), 5, 60000))
             # Zipf-like word frequencies, as in natural text
             w = vocab[np.minimum(rng.zipf(1.2, size=k) - 1, len(vocab) - 1)]
-            line = json.dumps({"type": "pretrain", "text": " ".join(w.tolist())}) + "\n"
+            rec = {"type": "pretrain", "text": " ".join(w.tolist())} if typed else {"text": " ".join(w.tolist())}
+            line = json.dumps(rec) + "\n"
             f.write(line)
             size += len(line)
             n += 1
@@ -214,6 +216,143 @@ def pretrain_main(a) -> None:
           f"worker_rss_mb_full={rss['full']['worker_rss_mb']:.0f}")
 
 
+def _write_formats(path: str, tmp: str) -> dict[str, str]:
+    """The JSON Lines corpus also as .jsonl.zst and as Parquet (row groups of 1024 documents), both
+    written streaming."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    out = {"jsonl": path, "jsonl.zst": os.path.join(tmp, "corpus.jsonl.zst"),
+           "parquet": os.path.join(tmp, "corpus.parquet")}
+    with open(path, "rb") as f, open(out["jsonl.zst"], "wb") as g:
+        zstandard.ZstdCompressor(level=3).copy_stream(f, g)
+    writer = None
+    with open(path) as f:
+        while True:
+            texts = [json.loads(line)["text"] for _, line in zip(range(1024), f)]
+            if not texts:
+                break
+            table = pa.table({"text": texts})
+            writer = writer or pq.ParquetWriter(out["parquet"], table.schema, compression="zstd")
+            writer.write_table(table)
+    writer.close()
+    return out
+
+
+def _split_corpus(path: str, folder: str, parts: int) -> list[str]:
+    """The corpus as ``parts`` Parquet files (documents dealt round-robin)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(folder)
+    buckets = [[] for _ in range(parts)]
+    with open(path) as f:
+        for i, line in enumerate(f):
+            buckets[i % parts].append(json.loads(line)["text"])
+    files = []
+    for k, texts in enumerate(buckets):
+        files.append(os.path.join(folder, f"part{k:02d}.parquet"))
+        pq.write_table(pa.table({"text": texts}), files[-1], row_group_size=1024)
+    return files
+
+
+def _share_child(spec: str, files: list[str], tok_dir: str, max_len: int, cache_dir: str) -> None:
+    """Prepare share K/N of ``files`` (one tokenizing process: one "machine"); print its CPU seconds."""
+    from ppllm.prepare import parse_share, share_files
+    k, n = parse_share(spec)
+    tok = load_tokenizer(tok_dir, "llama")
+    template = get_template("auto", tok, "llama")
+    open(os.path.join(cache_dir + ".go", f"ready{k}"), "w").close()
+    while not os.path.exists(os.path.join(cache_dir + ".go", "go")):  # all preparers start working together
+        time.sleep(0.01)
+    c0, t0 = _cpu_seconds(), time.time()
+    for i in share_files(files, [os.path.getsize(f) for f in files], k, n):
+        prepare_file(files[i], template, max_len, workers=1, cache_dir=cache_dir)
+    print(json.dumps({"cpu": _cpu_seconds() - c0, "start": t0, "end": time.time()}))
+
+
+def formats_main(a) -> None:
+    """Parquet and .jsonl.zst against the raw tokenizer; 2 preparers against 1; RSS flat in corpus size."""
+    import subprocess
+    with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
+        tok_dir = a.tokenizer or (LLAMA2 if os.path.isdir(LLAMA2) else None)
+        if tok_dir is None:
+            from ppllm.tiny import train_sentencepiece
+            tok_dir = train_sentencepiece(make_corpus(os.path.join(tmp, "t.jsonl"), 300, 1)[:2000],
+                                          os.path.join(tmp, "tok"), vocab_size=2000)
+        tok = load_tokenizer(tok_dir, "llama")
+        template = get_template("auto", tok, "llama")
+        path = os.path.join(tmp, "corpus.jsonl")
+        n_docs = make_pretrain_corpus(path, a.mb, a.seed, typed=False)
+        files = _write_formats(path, tmp)
+        sizes = ", ".join(f"{k} {os.path.getsize(v) / 1e6:.1f} MB" for k, v in files.items())
+        print(f"corpus: {n_docs} bare-text documents ({sizes}); tokenizer {tok_dir}; max_seq_len {a.max_seq_len}; "
+              f"workers {a.workers or 'all cores'}; {a.rounds} alternating rounds")
+        ratios: dict[str, list[float]] = {k: [] for k in files}
+        for r in range(a.rounds):
+            for name, p in files.items():
+                _, _, _, c_raw = _raw_count(tok, path)
+                shutil.rmtree(os.path.join(tmp, ".ppllm-cache"), ignore_errors=True)
+                c0 = _cpu_seconds()
+                src = prepare_file(p, template, a.max_seq_len, workers=a.workers)
+                c_prep = _cpu_seconds() - c0
+                ratios[name].append(c_raw / c_prep)
+                print(f"round {r + 1} {name}: raw tokenizer {c_raw:.1f} CPU s, prepare {c_prep:.1f} CPU s "
+                      f"({src.meta['encoded_tokens']} tokens): {c_raw / c_prep:.3f}", flush=True)
+        # 2 "machines" (two processes, each with its share of 8 files and one tokenizing process) against 1
+        parts = _split_corpus(path, os.path.join(tmp, "parts"), 8)
+        base = [sys.executable, os.path.abspath(__file__), "--tokenizer", tok_dir, "--max-seq-len", str(a.max_seq_len)]
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        cpus: dict[int, list[float]] = {1: [], 2: []}
+        for r in range(a.rounds):
+            for n in (1, 2):
+                cache = os.path.join(tmp, f"cache{n}-{r}")
+                os.makedirs(cache + ".go")
+                procs = [subprocess.Popen(base + ["--share-child", f"{k}/{n}", "--cache-dir", cache, *parts],
+                                          stdout=subprocess.PIPE, text=True) for k in range(n)]
+                while len(os.listdir(cache + ".go")) < n:  # interpreter start-up is not preparation
+                    time.sleep(0.01)
+                open(os.path.join(cache + ".go", "go"), "w").close()
+                got = [json.loads(pr.communicate()[0].strip().splitlines()[-1]) for pr in procs]
+                # from the first preparer starting to work to the last one done (interpreter start-up excluded)
+                walls[n].append(max(g["end"] for g in got) - min(g["start"] for g in got))
+                cpus[n].append(sum(g["cpu"] for g in got))
+                assert len([e for e in os.listdir(cache) if not e.endswith("lock")]) == len(parts)
+                shutil.rmtree(cache)
+                shutil.rmtree(cache + ".go")
+            print(f"round {r + 1} shares: 1 preparer {walls[1][-1]:.1f} s ({cpus[1][-1]:.1f} CPU s), 2 preparers "
+                  f"{walls[2][-1]:.1f} s ({cpus[2][-1]:.1f} CPU s)", flush=True)
+        # peak RSS: a quarter and all of the corpus, per format, each prepared cold in a fresh process
+        rss = {}
+        for name in ("jsonl.zst", "parquet"):
+            quarter = os.path.join(tmp, "quarter.jsonl")
+            with open(path, "rb") as f, open(quarter, "wb") as g:
+                for i, line in enumerate(f):
+                    if i % 4 == 0:
+                        g.write(line)
+            qdir = os.path.join(tmp, f"q-{name}")
+            os.makedirs(qdir)
+            q = _write_formats(quarter, qdir)[name]
+            for label, p in (("quarter", q), ("full", files[name])):
+                shutil.rmtree(os.path.join(os.path.dirname(p), ".ppllm-cache"), ignore_errors=True)
+                cmd = base + ["--rss-child", p] + (["--workers", str(a.workers)] if a.workers else [])
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                rss[name, label] = json.loads(out)
+                print(f"peak RSS {name} {label} ({os.path.getsize(p) / 1e6:.1f} MB): main {rss[name, label]['rss_mb']:.0f} "
+                      f"MB, largest worker {rss[name, label]['worker_rss_mb']:.0f} MB", flush=True)
+
+    def spread(v):
+        return f"{min(v):.3f}..{max(v):.3f}"
+    ws = [walls[1][i] / walls[2][i] for i in range(a.rounds)]
+    cs = [cpus[2][i] / cpus[1][i] for i in range(a.rounds)]
+    print(f"spread over rounds (min..max): parquet {spread(ratios['parquet'])}, jsonl.zst {spread(ratios['jsonl.zst'])}, "
+          f"jsonl {spread(ratios['jsonl'])}; two preparers: speedup {spread(ws)}, CPU ratio {spread(cs)}")
+    print(f"RESULT parquet_vs_tokenizer_cpu={np.median(ratios['parquet']):.3f} "
+          f"zst_vs_tokenizer_cpu={np.median(ratios['jsonl.zst']):.3f} jsonl_vs_tokenizer_cpu={np.median(ratios['jsonl']):.3f} "
+          f"two_preparers_speedup={np.median(ws):.2f} two_preparers_cpu_ratio={np.median(cs):.3f} "
+          f"rss_mb_parquet_quarter={rss['parquet', 'quarter']['rss_mb']:.0f} rss_mb_parquet_full={rss['parquet', 'full']['rss_mb']:.0f} "
+          f"rss_mb_zst_quarter={rss['jsonl.zst', 'quarter']['rss_mb']:.0f} rss_mb_zst_full={rss['jsonl.zst', 'full']['rss_mb']:.0f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=20000)
@@ -226,13 +365,22 @@ def main() -> None:
     p.add_argument("--mb", type=float, default=200.0, help="--pretrain: corpus size in MB")
     p.add_argument("--workers", type=int, default=None, help="--pretrain: tokenizing processes (default: all cores)")
     p.add_argument("--tmp", default=None, help="folder for the generated corpus (default: the system's)")
+    p.add_argument("--formats", action="store_true",
+                   help="Parquet and .jsonl.zst against the raw tokenizer, 2 preparers against 1, RSS per format")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--share-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rss_child:
         return _rss_child(a.rss_child, a.tokenizer, a.max_seq_len, a.workers)
+    if a.share_child:
+        return _share_child(a.share_child, a.files, a.tokenizer, a.max_seq_len, a.cache_dir)
     a.rounds = a.rounds or 3
     if a.pretrain:
         return pretrain_main(a)
+    if a.formats:
+        return formats_main(a)
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = a.tokenizer or (LLAMA2 if os.path.isdir(LLAMA2) else None)

@@ -12,7 +12,8 @@ wrong and is prefixed with ``FILE:LINE`` by the reader.
   ref_qa          reference, rounds             ans turns trained; the reference is not
 
 Formats other tools write are read natively, recognised by their main field when ``type`` is
-absent (or named by ``type``), and mapped onto the same messages, rendering and label rules:
+absent (or named by ``type``), and mapped onto the same messages, rendering and label rules
+(a record with ``text`` and none of these fields is a ``pretrain`` document):
 
   messages        OpenAI chat: messages [{role: system|user|assistant|tool, content, tool_calls?}],
                   tools?                        assistant turns and tool calls trained; tool results not
@@ -173,6 +174,8 @@ def check(obj) -> tuple[str, object]:
     kind = obj.get("type")
     if kind is None:
         kind = next((fmt for field, fmt in FORMAT_FIELDS.items() if field in obj), None)
+    if kind is None and "text" in obj:
+        kind = "pretrain"  # a bare text record (FineWeb, RedPajama, the Pile): a pretraining document
     if kind not in SAMPLE_TYPES:
         reason = "missing type" if kind is None else "unknown type"
         expected = (f"expected one of {', '.join(SAMPLE_TYPES[:5])}, or a record with 'messages' (OpenAI), "

@@ -97,6 +97,28 @@ class LrSchedule(BaseModel):
     """schedule length; default: the number of optimizer steps this run will take"""
 
 
+class DataSource(BaseModel):
+    """One ``data_path`` entry with its own field names: ``{path: GLOB, text: content}`` reads the
+    column (or JSON key) ``content`` as ``text``. Every key but ``path`` names the source column
+    of a sample field."""
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    text: str | None = None
+    messages: str | None = None
+    conversations: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None
+    rounds: str | None = None
+
+    def fields(self) -> dict[str, str] | None:
+        """{sample field: source column} of the keys given, or None."""
+        out = {k: v for k, v in self.model_dump(exclude={"path"}).items() if v is not None}
+        return out or None
+
+
 class RunConfig(BaseModel):
     """ppllm's own keys. DeepSpeed keys live in ``ds`` (not declared here)."""
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -108,8 +130,10 @@ class RunConfig(BaseModel):
     """random init (HF-style normal, `initializer_range`) instead of loading layer files"""
     save_path: str
     """checkpoints and `metrics.jsonl`"""
-    data_path: str | list[str]
-    """a file, a list of files, or glob patterns; JSON array or JSON Lines"""
+    data_path: str | DataSource | list[str | DataSource]
+    """a file, a folder made by `datasets`' `save_to_disk`, glob patterns, or a list of them; JSON Lines or JSON
+    arrays (plain, `.gz`, `.zst`, `.bz2`, `.xz`), Parquet, Arrow. An entry `{path: P, text: content}` maps other
+    field names (see Data)"""
     tokenizer_path: str | None = None
     """tokenizer folder; default: `model_path`"""
     max_seq_len: int = Field(default=1024, ge=8)
@@ -158,7 +182,11 @@ class RunConfig(BaseModel):
     """`{type: cosine|constant, warmup_steps or warmup_ratio, min_lr_ratio: 0.1, total_steps}`; used when no
     DeepSpeed `scheduler` is given; `total_steps` defaults to the steps this run takes (data size × epochs ÷
     batch, capped by `max_steps`)"""
-    eval_data_path: str | list[str] | None = None
+    cache_dir: str | None = None
+    """folder of the prepared data (tokens and labels); on a shared filesystem, one folder for the whole cluster:
+    `python -m ppllm.prepare` fills it ahead of the run, spread over machines with `--share K/N`, and no node
+    tokenizes what another has prepared. Default: `.ppllm-cache` beside each data file"""
+    eval_data_path: str | DataSource | list[str | DataSource] | None = None
     """held-out data evaluated every N steps and at the end; token-weighted `eval_loss` in `metrics.jsonl`"""
     eval_interval: int | None = Field(default=None, ge=1)
     """evaluate eval_data_path every N steps (and at the end)"""
@@ -258,16 +286,47 @@ class Config:
     def data_files(self) -> list[str]:
         return expand_data_paths(self.run.data_path)
 
+    def data_fields(self, eval_data: bool = False) -> list[dict | None]:
+        """The field mapping of every file of ``data_files()`` (of the eval files with ``eval_data``)."""
+        return data_path_fields(self.run.eval_data_path if eval_data else self.run.data_path)
 
-def expand_data_paths(data_path: str | list[str]) -> list[str]:
-    items = [data_path] if isinstance(data_path, str) else list(data_path)
-    files: list[str] = []
-    for item in items:
-        if any(ch in item for ch in "*?["):
-            files += sorted(glob.glob(item))
+
+def _entries(data_path) -> list:
+    if data_path is None:
+        return []
+    return list(data_path) if isinstance(data_path, list) else [data_path]
+
+
+def _expand_one(item) -> list[str]:
+    path = item.path if isinstance(item, DataSource) else item["path"] if isinstance(item, dict) else item
+    if any(ch in path for ch in "*?["):
+        found = sorted(glob.glob(path, recursive=True))
+    else:
+        found = [path]
+    out = []
+    for f in found:
+        if os.path.isdir(f):
+            from data.records import arrow_folder_files
+            out += arrow_folder_files(f)
         else:
-            files.append(item)
-    return files
+            out.append(f)
+    return out
+
+
+def expand_data_paths(data_path) -> list[str]:
+    """The files of ``data_path``: globs expanded (``**`` too), a ``save_to_disk`` folder as its Arrow files."""
+    return [f for item in _entries(data_path) for f in _expand_one(item)]
+
+
+def data_path_fields(data_path) -> list[dict | None]:
+    """The field mapping of each file of ``expand_data_paths(data_path)`` (None: the usual names)."""
+    out = []
+    for item in _entries(data_path):
+        if isinstance(item, dict):
+            item = DataSource(**item)
+        fields = item.fields() if isinstance(item, DataSource) else None
+        out += [fields] * len(_expand_one(item))
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -432,15 +491,17 @@ def _check_paths(run: RunConfig) -> list[str]:
     tp = run.tokenizer_path or mp
     if run.tokenizer_path is not None and not os.path.isdir(tp):
         problems.append(f"tokenizer_path: folder {tp!r} does not exist")
-    files = expand_data_paths(run.data_path)
-    if not files:
-        problems.append(f"data_path: {run.data_path!r} matches no file")
-    for f in files:
-        if not os.path.isfile(f):
-            problems.append(f"data_path: file {f!r} does not exist")
-    for f in expand_data_paths(run.eval_data_path) if run.eval_data_path else []:
-        if not os.path.isfile(f):
-            problems.append(f"eval_data_path: file {f!r} does not exist")
+    for key, value in (("data_path", run.data_path), ("eval_data_path", run.eval_data_path)):
+        try:
+            files = expand_data_paths(value)
+        except UserError as e:  # a folder that is not a save_to_disk folder
+            problems.append(f"{key}: {e}")
+            continue
+        if not files and value is not None:
+            problems.append(f"{key}: {value!r} matches no file")
+        for f in files:
+            if not os.path.isfile(f):
+                problems.append(f"{key}: file {f!r} does not exist")
     if run.resume not in ("auto", "never") and not os.path.isdir(run.resume):
         problems.append(f"resume: {run.resume!r} is not a folder; use auto, never, or a checkpoint folder")
     if os.path.exists(run.save_path) and not os.path.isdir(run.save_path):

@@ -9,12 +9,14 @@ At launch, ``make_loaders`` runs in three agreed phases (``ppllm.errors.agree``:
 any rank stops every rank, and rank 0 prints it once):
 
 1. one rank per node prepares every file (tokenizes with all cores, writes the cache) while
-   the node's other ranks wait;
+   the node's other ranks wait; with a ``cache_dir`` on several nodes, each node first prepares
+   its share of the files (``ppllm.prepare.share_files``), then what is still missing;
 2. the data-reading ranks memory-map the prepared files and pack the rows;
 3. every rank learns the row counts (and that the readers agree on them) and so the step counts.
 """
 from __future__ import annotations
 
+import os
 import socket
 
 import torch
@@ -42,7 +44,8 @@ def _guard(what: str, fn):
         raise DataError(f"{what}: {e}") from e
 
 
-def load_data(cfg, model_type: str, files: list[str] | None = None, progress: bool | None = None):
+def load_data(cfg, model_type: str, files: list[str] | None = None, progress: bool | None = None,
+              fields: list | None = None):
     """(tokenizer, packed rows, stats) of the training data; every sample is validated first."""
     from data.dataset import build_rows, source_weights
 
@@ -53,7 +56,8 @@ def load_data(cfg, model_type: str, files: list[str] | None = None, progress: bo
         weights = source_weights(cfg.run.data_path, cfg.run.data_weights) if training else None
         rows, stats = build_rows(paths, template, cfg.run.max_seq_len, cfg.run.packing, cfg.run.overlong,
                                  cfg.run.seed, strict=cfg.run.strict, weights=weights,
-                                 progress=is_rank0() if progress is None else progress)
+                                 progress=is_rank0() if progress is None else progress,
+                                 fields=cfg.data_fields() if files is None else fields, cache_dir=cfg.run.cache_dir)
         stats.template = template.name
         return tok, rows, stats
     return _guard("data", go)
@@ -66,7 +70,8 @@ def load_eval(cfg, model_type: str, progress: bool | None = None):
     if not cfg.run.eval_data_path:
         return None, None
     try:
-        _, rows, stats = load_data(cfg, model_type, expand_data_paths(cfg.run.eval_data_path), progress)
+        _, rows, stats = load_data(cfg, model_type, expand_data_paths(cfg.run.eval_data_path), progress,
+                                   cfg.data_fields(eval_data=True))
     except DataError as e:
         raise DataError(f"eval data (eval_data_path): {e}") from e
     return rows, stats
@@ -147,18 +152,26 @@ def node_preparer(cfg, rank: int, hosts: list[str]) -> bool:
     return bool(mine) and rank == mine[0]
 
 
-def prepare_node(cfg, model_type: str) -> None:
-    """Tokenize and cache every training and eval file (a cache hit when already prepared)."""
+def prepare_node(cfg, model_type: str, share: tuple[int, int] | None = None) -> None:
+    """Tokenize and cache every training and eval file (a cache hit when already prepared); with
+    ``share=(k, n)`` only the files of share k of n (``ppllm.prepare.share_files``)."""
     from data.dataset import DataError, load_sources
     from ppllm.config import expand_data_paths
+    from ppllm.prepare import share_files
 
-    def go(files):
+    def go(files, fields):
+        if share is not None:
+            mine = share_files(files, [os.path.getsize(f) for f in files], *share)
+            files, fields = [files[i] for i in mine], [fields[i] for i in mine]
+            if not files:
+                return
         _, template = _tokenizer_template(cfg, model_type)
-        load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True)
-    _guard("data", lambda: go(cfg.data_files()))
+        load_sources(files, template, cfg.run.max_seq_len, cfg.run.overlong, strict=False, progress=True,
+                     fields=fields, cache_dir=cfg.run.cache_dir)
+    _guard("data", lambda: go(cfg.data_files(), cfg.data_fields()))
     if cfg.run.eval_data_path:
         try:
-            _guard("data", lambda: go(expand_data_paths(cfg.run.eval_data_path)))
+            _guard("data", lambda: go(expand_data_paths(cfg.run.eval_data_path), cfg.data_fields(eval_data=True)))
         except DataError as e:  # the message load_eval gives (the dry run's)
             raise DataError(f"eval data (eval_data_path): {e}") from e
 
@@ -183,7 +196,15 @@ def make_loaders(cfg, model_type: str, has_data: bool, dp_rank: int, dp_size: in
     from data.dataset import DataError, StepLoader
     rank = torch.distributed.get_rank()
     hosts = collectives.all_gather_object(socket.gethostname())
-    errors.agree(lambda: prepare_node(cfg, model_type) if node_preparer(cfg, rank, hosts) else None)
+    preparer = node_preparer(cfg, rank, hosts)
+    nodes = list(dict.fromkeys(hosts))  # host names in rank order: node k is nodes[k]
+    if cfg.run.cache_dir and len(nodes) > 1:
+        # a cache_dir shared by the nodes: each node first prepares its share of the files, so that
+        # no node tokenizes what another prepares; then (below) what is still missing (a cache_dir
+        # that is not shared after all: every node's own)
+        share = (nodes.index(hosts[rank]), len(nodes))
+        errors.agree(lambda: prepare_node(cfg, model_type, share) if preparer else None)
+    errors.agree(lambda: prepare_node(cfg, model_type) if preparer else None)
 
     def build():
         if not has_data:

@@ -72,3 +72,12 @@ def test_data_throughput_pretrain_tiny():
     assert set(r) == {"tokens_kept", "prepare_vs_tokenizer", "prepare_vs_tokenizer_cpu", "rss_mb_quarter",
                       "rss_mb_full", "worker_rss_mb_quarter", "worker_rss_mb_full"}
     assert r["tokens_kept"] == 1.0 and r["worker_rss_mb_full"] > 0
+
+
+@pytest.mark.timeout(400)
+def test_data_throughput_formats_tiny():
+    r = run_bench(["bench/data_throughput.py", "--formats", "--mb", "2", "--rounds", "1"], timeout=380)
+    assert set(r) == {"parquet_vs_tokenizer_cpu", "zst_vs_tokenizer_cpu", "jsonl_vs_tokenizer_cpu",
+                      "two_preparers_speedup", "two_preparers_cpu_ratio", "rss_mb_parquet_quarter",
+                      "rss_mb_parquet_full", "rss_mb_zst_quarter", "rss_mb_zst_full"}
+    assert r["parquet_vs_tokenizer_cpu"] > 0 and r["rss_mb_parquet_full"] > 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import dataset
+from data import dataset, prepare
 from data.dataset import StepLoader, build_rows, pack_lengths, source_weights
 from data.templates import get_template
 from tests.test_data_templates import _bpe
@@ -65,8 +65,8 @@ def test_cache_reused_and_invalidated(tmp_path, template, monkeypatch):
     _, s1 = build_rows([path], template, 64)
     assert any(n.startswith("c.jsonl.") for n in os.listdir(tmp_path / ".ppllm-cache"))
     calls = []
-    real = dataset._prepare_into
-    monkeypatch.setattr(dataset, "_prepare_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = prepare._prepare_into
+    monkeypatch.setattr(prepare, "_prepare_into", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, s2 = build_rows([path], template, 64)
     assert not calls and s2.tokens == s1.tokens  # memory-mapped from the cache
     corpus(tmp_path / "c.jsonl", 31)

@@ -24,7 +24,7 @@ BAD = [
     ('{"type": "pretrain", "text": oops}', "invalid JSON", "invalid JSON"),
     ('[1, 2]', "a sample must be a JSON object, got list", "not an object"),
     ('"just text"', "a sample must be a JSON object, got str", "not an object"),
-    ('{"text": "no type"}', "unknown or missing 'type' None", "missing type"),
+    ('{"content": "no type, no text"}', "unknown or missing 'type' None", "missing type"),
     ('{"type": "poem", "text": "x"}', "unknown or missing 'type' 'poem'", "unknown type"),
     ('{"type": "pretrain"}', "field 'text' must be a non-empty string (it is missing)", "missing field"),
     ('{"type": "pretrain", "text": "   "}', "field 'text' must be a non-empty string (it is empty)", "empty field"),
@@ -107,12 +107,12 @@ def test_json_array_errors_name_the_line_where_the_object_starts(tmp_path, templ
 
 def test_array_streams_through_small_windows(tmp_path):
     """Objects that straddle read blocks and multi-byte characters at block ends."""
-    from data import dataset
+    from data import records
     recs = [{"type": "pretrain", "text": "é水" * (i % 7 + 1)} for i in range(60)]
     p = tmp_path / "big.json"
     p.write_text(json.dumps(recs, indent=2, ensure_ascii=False))
     with open(p, "rb") as f:
-        got = list(dataset._iter_array(f, None, block=37))
+        got = list(records._iter_array(f, None, block=37))
     assert [o for _, o in got] == recs
     assert [n for n, _ in got][:2] == [2, 6]
     assert all(not isinstance(o, RecordError) for _, o in iter_records(str(p)))

@@ -102,9 +102,9 @@ def _mixed_file(path, n, bad_every=0):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "array"])
 def test_pool_prepares_the_same_bytes_as_one_process(tmp_path, tiny_tok, fmt, monkeypatch):
-    from data import dataset
-    monkeypatch.setattr(dataset, "CHUNK", 37)  # many small chunks, finishing out of order in the pool
-    monkeypatch.setattr(dataset, "CHUNK_BYTES", 5000)
+    from data import records
+    monkeypatch.setattr(records, "CHUNK", 37)  # many small chunks, finishing out of order in the pool
+    monkeypatch.setattr(records, "CHUNK_BYTES", 5000)
     path = _mixed_file(tmp_path / "m.jsonl", 400, bad_every=50 if fmt == "jsonl" else 0)
     if fmt == "array":
         recs = [json.loads(x) for x in open(path) if x.strip()]
@@ -126,10 +126,10 @@ def test_pool_prepares_the_same_bytes_as_one_process(tmp_path, tiny_tok, fmt, mo
 
 def test_memory_of_prepare_holds_no_corpus(tmp_path, tiny_tok):
     """The per-document arrays are compact arrays, not Python lists (flat memory: see the benchmark)."""
-    from data import dataset
+    from data import prepare
     path = _mixed_file(tmp_path / "m.jsonl", 200)
     import io
-    meta, arrays = dataset._prepare_into(path, get_template("plain", tiny_tok), 96, "truncate", io.BytesIO(),
+    meta, arrays = prepare._prepare_into(path, get_template("plain", tiny_tok), 96, "truncate", io.BytesIO(),
                                          io.BytesIO(), False, workers=1)
     assert arrays["offsets"].dtype == np.int64 and len(arrays["offsets"]) == len(arrays["kinds"]) + 1
 
@@ -297,24 +297,24 @@ def test_agree_every_rank_learns_the_lowest_failing_ranks_message(tmp_path):
 
 @pytest.mark.parametrize("max_records,max_bytes", [(1, 10), (3, 50), (4096, 64), (4096, 1 << 20)])
 def test_jsonl_chunks_cover_every_line_once_with_its_number(tmp_path, max_records, max_bytes):
-    from data import dataset
+    from data import records
     lines = [json.dumps({"type": "pretrain", "text": "x" * (i * 37 % 300 + 1)}) for i in range(40)]
     lines[5] = ""  # a blank line keeps its number
     lines[9] = json.dumps({"type": "pretrain", "text": "y" * 500})  # longer than a block
     p = tmp_path / "c.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # a BOM, no newline at the end
-    chunks = list(dataset._record_chunks(str(p), max_records=max_records, max_bytes=max_bytes))
+    chunks = list(records.record_chunks(str(p), max_records=max_records, max_bytes=max_bytes))
     assert chunks[0][0] == 0 and chunks[-1][1] == p.stat().st_size
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-    got = [(n, raw.decode()) for c in chunks for n, raw in dataset._chunk_records(str(p), c)]
+    got = [(n, raw.decode()) for c in chunks for n, raw in records.chunk_records(str(p), c)]
     assert got == [(i + 1, text) for i, text in enumerate(lines) if text]
-    assert all(len([1 for _ in dataset._chunk_records(str(p), c)]) <= max_records for c in chunks)
+    assert all(len([1 for _ in records.chunk_records(str(p), c)]) <= max_records for c in chunks)
 
 
 @pytest.mark.parametrize("template_name", ["plain", "llama2", "chatglm3", "baichuan2"])
 def test_fast_pretraining_path_equals_the_general_encoder(tmp_path, tiny_tok, template_name, monkeypatch):
     """Pretraining documents skip the label lists (labels = shifted ids): same bytes as encode_parts."""
-    from data import dataset
+    from data import prepare
     tok = tiny_tok
     if template_name in ("chatglm3", "baichuan2"):
         folder = os.path.join(SHARED_ASSETS, "tokenizers", template_name)
@@ -322,14 +322,14 @@ def test_fast_pretraining_path_equals_the_general_encoder(tmp_path, tiny_tok, te
             pytest.skip(f"{folder} not present")
         tok = load_tokenizer(folder, {"chatglm3": "chatglm", "baichuan2": "baichuan"}[template_name])
     template = get_template(template_name, tok)
-    assert dataset.pretrain_frame(template) is not None
+    assert prepare.pretrain_frame(template) is not None
     L = 40
     path = _mixed_file(tmp_path / "m.jsonl", 120)
     with open(path, "a") as f:  # documents around multiples of the window length (a lone last token)
         for k in range(1, 60):
             f.write(json.dumps({"type": "pretrain", "text": " ".join(["bridge"] * k)}) + "\n")
     fast = prepare_file(path, template, L, cache=False, workers=1)
-    monkeypatch.setattr(dataset, "FAST_PRETRAIN", False)
+    monkeypatch.setattr(prepare, "FAST_PRETRAIN", False)
     slow = prepare_file(path, template, L, cache=False, workers=1)
     for name in ("tokens", "labels", "offsets", "kinds", "lines", "trained"):
         assert np.array_equal(getattr(fast, name), getattr(slow, name)), name

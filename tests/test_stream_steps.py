@@ -46,23 +46,28 @@ def preparations(out: str, path) -> list[str]:
 
 @pytest.mark.timeout(400)
 def test_four_samples_train_at_default_settings_prepared_once(model):
-    """packing (default) puts the 4 samples in 1 row; micro batch 1 x 4: one step per pass."""
+    """packing (default) puts the 4 samples in 1 row; micro batch 1 x 4: one step per pass. The launch
+    reads the same 4 documents from a Parquet file with a bare `text` column (no `type`), as corpora
+    ship, from a cold cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     root, pp, data = model
     cfg = config(root, pp, data, "four", max_seq_len=256)  # no packing / n_epoches / overlong keys: defaults
     dry = run([PY, "train_pp.py", "--config", str(cfg), "--dry-run"])
     assert "would train 1 optimizer steps: 1 pass(es) over 1 rows at 4 rows per step" in dry.stdout
-    os.remove(cfg.parent / "texts.jsonl")  # the dry run prepared it: start the launch from a cold cache
-    (cfg.parent / "texts.jsonl").write_text("\n".join(json.dumps({"type": "pretrain", "text": t})
-                                                      for t in TEXTS[:4]))
+    parquet = root / "texts.parquet"  # not prepared by the dry run: the launch starts from a cold cache
+    pq.write_table(pa.table({"text": TEXTS[:4], "url": [f"https://example.org/{i}" for i in range(4)]}), parquet)
+    cfg = config(root, pp, parquet, "four", max_seq_len=256)
     p = launch(["train_pp.py", "--config", str(cfg)], 2)
     out = p.stdout + p.stderr
+    assert "pretrain=4" in out, out
     metrics = read_metrics(root / "four" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1]
     assert metrics[0]["samples"] == 16 and metrics[0]["loss"] > 0  # the one row four times, 4 samples each
     # both ranks read data (first and last stage) on this one node: the file was tokenized once
-    assert len(preparations(out, data)) == 1, out
-    cache = [n for n in os.listdir(root / ".ppllm-cache") if n.startswith("texts.jsonl.") and ".tmp" not in n
-             and not n.endswith(".lock")]
+    assert len(preparations(out, parquet)) == 1, out
+    cache = [n for n in os.listdir(root / ".ppllm-cache") if n.startswith("texts.parquet.") and ".tmp" not in n
+             and not n.endswith("lock")]
     meta = json.loads((root / ".ppllm-cache" / cache[0] / "meta.json").read_text())
     assert meta["prepared_by"]["rank"] == "0"
 
