@@ -134,12 +134,18 @@ def test_resume_under_another_topology_is_checked_before_launch(tiny):
                     "model_topo.process_topology.dims=[1,2]")
     assert rc == 2 and len(error_lines(lines)) == 1
     assert lines[-1] == (f"error: resume: {zero}/global_step3 was written with pipe=2 x data=1, parts [3, 4] and "
-                         f"cannot be resharded to pipe=1 x data=2, parts [7]: ZeRO partitions the optimizer state "
-                         f"into flat per-rank buffers; to start from its weights alone, set model_path: "
+                         f"cannot be resharded to pipe=1 x data=2, parts [7]: ZeRO partitions the fp32 optimizer "
+                         f"state into flat per-rank buffers; to start from its weights alone, set model_path: "
                          f"{zero}/global_step3 and resume: never (optimizer, schedule and data position start "
                          f"fresh), or resume with the topology it was written with (pipe=2 x data=1, parts [3, 4])")
     rc, lines = dry(write_config(root, pp, data, name="rb", save_path=str(ok)), "model_topo.process_topology.dims=[1,2]")
     assert rc == 2 and "a step held 2 rows and would now hold 4 rows" in lines[-1]
+    # the default GPU route (bf16 with DeepSpeed's ZeRO-1 bf16 optimizer) reshards; a precision change does not
+    bf16 = _fake_checkpoint(root, "bf16", dict(base, bounds=[0, 3, 7], dims=[2, 1], zero_stage=1, precision="bf16"))
+    for precision, want in (("bf16", "resharded from pipe=2 x data=1"), ("fp32", "the precision changed (bf16 -> fp32)")):
+        rc, lines = dry(write_config(root, pp, data, name=f"r{precision}", save_path=str(bf16), precision=precision,
+                                     gradient_accumulation_steps=1), "model_topo.process_topology.dims=[1,2]")
+        assert rc == (0 if precision == "bf16" else 2) and any(want in line for line in lines), lines[-3:]
 
 
 def test_pp_to_hg_names_the_tags_and_a_missing_folder(tiny, tmp_path):
