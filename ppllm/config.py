@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import difflib
 import glob
+import math
 import os
 import re
 from typing import Any, Literal
 
 import yaml
-from ppllm.ds_sections import check_sections
+from ppllm.ds_sections import check_launchable, check_sections
 from ppllm.errors import UserError
 from ppllm.lora import LoraConfig
 from ppllm.partition import parts_problems
@@ -48,8 +49,56 @@ YamlLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def read_yaml(text: str):
-    return yaml.load(text, Loader=YamlLoader)
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice (PyYAML would silently keep the last)."""
+
+
+def _construct_mapping(loader: YamlLoader, node, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides are allowed
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark)
+        except TypeError:  # an unhashable key: PyYAML reports it itself
+            continue
+        if first is not key_node.start_mark:
+            where = loader.source
+            raise DuplicateKey(f"key {key!r} is given twice, at {where}:{first.line + 1} and "
+                               f"{where}:{key_node.start_mark.line + 1} (the last would silently win); keep one")
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+def _construct_yaml_map(loader: YamlLoader, node):
+    data: dict = {}
+    yield data
+    data.update(_construct_mapping(loader, node))
+
+
+YamlLoader.source = "<text>"
+YamlLoader.add_constructor("tag:yaml.org,2002:map", _construct_yaml_map)
+
+
+def read_yaml(text: str, source: str = "<text>"):
+    """YAML as ppllm reads it: 1e-4 is a float, and a key given twice in one mapping is an error
+    naming ``source``:line of both."""
+    loader = YamlLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A PyYAML error in one line: what and where."""
+    if isinstance(e, DuplicateKey):
+        return str(e)
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML{where}: {what}"
 
 
 class Topology(BaseModel):
@@ -145,7 +194,7 @@ class RunConfig(BaseModel):
     save_interval: int | None = Field(default=None, ge=1)
     """save every N steps (always at the end)"""
     seed: int = 42
-    """layer init, data order"""
+    """layer init, data order; a whole number from 0 to 2**32 - 1"""
     use_grad_ckpt: bool = False
     """activation checkpointing of every decoder layer (non-reentrant)"""
     use_flash_attn: bool = False
@@ -201,7 +250,25 @@ class RunConfig(BaseModel):
     dist_timeout: float = Field(default=1800.0, gt=0)
     """process-group timeout in seconds: the longest a collective may wait for live but stuck ranks"""
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v):
+        if not 0 <= v <= SEED_MAX:
+            raise ValueError(f"must be a whole number from 0 to 2**32 - 1 = {SEED_MAX} (numpy's seed range); "
+                             f"pick another seed")
+        return v
 
+    @field_validator("data_weights")
+    @classmethod
+    def _weights(cls, v):
+        for i, w in enumerate(v or []):
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"entry {i + 1} is {w}; every weight must be a finite number >= 0 (0 leaves that "
+                                 f"data_path entry out)")
+        return v
+
+
+SEED_MAX = 2 ** 32 - 1
 PPLLM_KEYS = set(RunConfig.model_fields) | {"epochs"}
 
 
@@ -330,20 +397,29 @@ def data_path_fields(data_path) -> list[dict | None]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """``--set KEY.SUB=VALUE`` as (path, value); a ValueError in one line naming the expression."""
     if "=" not in text:
         raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. --set max_steps=10")
     key, value = text.split("=", 1)
-    return key.strip().split("."), read_yaml(value)
+    path = [p.strip() for p in key.strip().split(".")]
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", p) for p in path):
+        raise ValueError(f"--set {text!r}: {key.strip()!r} is not a key (dotted names such as "
+                         f"optimizer.params.lr); write --set KEY=VALUE")
+    try:
+        return path, read_yaml(value, "--set")
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {text!r}: the value is {yaml_problem(e)}; quote it if it is a string, e.g. "
+                         f"--set '{key.strip()}=\"...\"'") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides or []:
         path, value = parse_override(item)
         node = raw
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {part} is not a mapping")
+                raise ValueError(f"--set {item!r}: {'.'.join(path[:i + 1])} is {node!r}, not a mapping with keys")
         node[path[-1]] = value
     return raw
 
@@ -351,19 +427,32 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str, overrides: list[str] | None = None, world_size: int | None = None,
                 check_paths: bool = True) -> Config:
     """Load, override, validate. Raises ConfigError listing every problem."""
+    if os.path.isdir(path):
+        raise ConfigError(path, ["is a folder; --config takes a YAML file (e.g. configs/ds_config_pp.yml)"])
     if not os.path.isfile(path):
         raise ConfigError(path, [f"config file not found: {path}"])
-    with open(path) as f:
-        try:
-            raw = read_yaml(f.read()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(path, [f"not valid YAML: {e}"])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(path, [f"cannot be read ({e.strerror}); check its permissions"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(path, [f"not UTF-8 text: byte 0x{data[e.start]:02x} at line {line} (offset {e.start}); "
+                                 f"save the file as UTF-8"]) from None
+    try:
+        raw = read_yaml(text, path)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, [yaml_problem(e)]) from None
+    raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(path, ["the top level must be a mapping of keys"])
     try:
         raw = apply_overrides(raw, overrides or [])
     except ValueError as e:
-        raise ConfigError(path, [str(e)])
+        raise ConfigError(path, [str(e)]) from None
     return validate(raw, path, world_size, check_paths)
 
 
@@ -401,7 +490,8 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
             elif err["type"] == "extra_forbidden":
                 problems.append(f"{loc}: unknown key; remove it")
             else:
-                problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+                msg = err["msg"].removeprefix("Value error, ")
+                problems.append(f"{loc}: {msg} (got {err.get('input')!r})")
         # keep checking the rest: drop the broken keys (defaults apply) and validate again
         failing = {err["loc"][0] for err in e.errors() if err["loc"]}
         try:
@@ -411,6 +501,7 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
 
     problems += _check_batch(ds, run)
     problems += check_sections(ds, lr_schedule_given="lr_schedule" in raw)
+    problems += check_launchable(ds)
     if run is not None:
         problems += _check_precision(ds, run)
     if run is not None:
@@ -422,8 +513,11 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
         problems += _check_parts(run, check_paths)
         if check_paths and run.lora is not None:
             problems += _check_lora_targets(run)
-        if run.max_seq_len % 8:
-            pass  # allowed; a multiple of 8 is faster on GPUs
+        if check_paths:
+            problems += _check_positions(run)
+        if run.eval_interval is not None and run.eval_data_path is None:
+            problems.append(f"eval_interval: {run.eval_interval} but there is no eval_data_path to evaluate; set "
+                            f"eval_data_path or remove eval_interval")
     if problems:
         raise ConfigError(source, problems)
     return Config(run, ds, source)
@@ -480,7 +574,10 @@ def _check_batch(ds: dict, run: RunConfig | None) -> list[str]:
 def _check_paths(run: RunConfig) -> list[str]:
     problems = []
     mp = run.model_path
-    if not os.path.isdir(mp):
+    if os.path.exists(mp) and not os.path.isdir(mp):
+        problems.append(f"model_path: {mp!r} is a file, not a folder; point it at the folder made by "
+                        f"`python convert_model.py hg_to_pp` (the one holding config.json and the layer files)")
+    elif not os.path.isdir(mp):
         problems.append(f"model_path: folder {mp!r} does not exist; create it with "
                         f"`python convert_model.py hg_to_pp --input-path HF_DIR --save-path {mp}`")
     elif not os.path.isfile(os.path.join(mp, "config.json")):
@@ -489,7 +586,9 @@ def _check_paths(run: RunConfig) -> list[str]:
         problems.append(f"model_path: {mp!r} has no layer files (layer_00-model_states.pt); convert a HF "
                         f"checkpoint with hg_to_pp, or set from_scratch: true")
     tp = run.tokenizer_path or mp
-    if run.tokenizer_path is not None and not os.path.isdir(tp):
+    if run.tokenizer_path is not None and os.path.isfile(tp):
+        problems.append(f"tokenizer_path: {tp!r} is a file, not a folder; give the folder holding the tokenizer files")
+    elif run.tokenizer_path is not None and not os.path.isdir(tp):
         problems.append(f"tokenizer_path: folder {tp!r} does not exist")
     for key, value in (("data_path", run.data_path), ("eval_data_path", run.eval_data_path)):
         try:
@@ -550,3 +649,26 @@ def _check_lora_targets(run: RunConfig) -> list[str]:
             problems.append(f"lora.target_modules: {target!r} is not a linear layer of {family.name}; {hint}"
                             f"its linear layers are {', '.join(sorted(names))}")
     return problems
+
+
+# the largest position a model has, by config.json key: rotary tables, learned positions
+_POSITION_KEYS = ("max_position_embeddings", "seq_length", "n_positions")
+
+
+def _check_positions(run: RunConfig) -> list[str]:
+    """max_seq_len within the positions the model was built for (models without a limit, such as
+    ALiBi's bloom, are not checked)."""
+    import json
+    try:
+        with open(os.path.join(run.model_path, "config.json"), encoding="utf-8") as f:
+            mcfg = json.load(f)
+    except (OSError, ValueError):
+        return []  # reported by the path checks or when the model loads
+    for key in _POSITION_KEYS:
+        limit = mcfg.get(key) if isinstance(mcfg, dict) else None
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if run.max_seq_len > limit:
+                return [f"max_seq_len: {run.max_seq_len} is above the model's {key} {limit} "
+                        f"({os.path.join(run.model_path, 'config.json')}); use max_seq_len <= {limit}"]
+            return []
+    return []

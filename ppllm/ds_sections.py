@@ -175,3 +175,61 @@ def _check_lr(ds: dict, lr_schedule_given: bool) -> list[str]:
                 f"warmup_max_lr, ignoring the optimizer's lr; set both to the same value (e.g. --set "
                 f"optimizer.params.lr={lr:g} --set scheduler.params.warmup_max_lr={lr:g})"]
     return []
+
+
+# ZeRO stages DeepSpeed's PipelineEngine runs: it asserts stage < 2 in its constructor, on every rank
+PIPELINE_ZERO_STAGES = (0, 1)
+
+
+def _finite_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def check_launchable(ds: dict) -> list[str]:
+    """Values that pass DeepSpeed's schema but stop every rank at ``deepspeed.initialize`` or the
+    first step: a ZeRO stage the pipeline refuses, a learning rate that is not a positive number,
+    a gradient clip below zero or infinite. Run after :func:`check_sections` (numbers converted)."""
+    import math
+    problems: list[str] = []
+    zero = ds.get("zero_optimization")
+    if zero is not None:
+        if not isinstance(zero, dict):
+            problems.append(f"zero_optimization: must be a mapping such as {{stage: 1}} (got {zero!r})")
+        elif "stage" in zero:
+            stage = zero["stage"]
+            if isinstance(stage, bool) or not isinstance(stage, int):
+                problems.append(f"zero_optimization.stage: must be the whole number 0 or 1 (got {stage!r}); "
+                                f"write stage: 1")
+            elif stage not in PIPELINE_ZERO_STAGES:
+                problems.append(f"zero_optimization.stage: {stage} is not supported with pipeline parallelism "
+                                f"(DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only); use stage: 1")
+    params = (ds.get("optimizer") or {}).get("params") if isinstance(ds.get("optimizer"), dict) else None
+    sched = ds.get("scheduler") if isinstance(ds.get("scheduler"), dict) else None
+    lrs = [("optimizer.params.lr", params.get("lr"))] if isinstance(params, dict) and "lr" in params else []
+    sparams = (sched or {}).get("params")
+    if isinstance(sparams, dict):
+        lrs += [(f"scheduler.params.{k}", sparams[k]) for k in ("warmup_max_lr", "cycle_max_lr") if k in sparams]
+    for key, value in lrs:
+        v = _finite_number(value)
+        if v is None:
+            continue  # a type problem, reported by check_sections
+        if not math.isfinite(v) or v <= 0:
+            problems.append(f"{key}: {value!r} is not a positive learning rate; use a finite number > 0, "
+                            f"e.g. 1e-4")
+    if "gradient_clipping" in ds:
+        value = ds["gradient_clipping"]
+        v = _finite_number(value)
+        if isinstance(value, str):
+            try:
+                v = float(value.strip())
+                ds["gradient_clipping"] = v
+            except ValueError:
+                v = None
+        if v is None:
+            problems.append(f"gradient_clipping: must be a number (got {value!r}); e.g. 1.0, or 0 for no clipping")
+        elif not math.isfinite(v) or v < 0:
+            problems.append(f"gradient_clipping: {value!r} must be a finite number >= 0 (the largest gradient norm; "
+                            f"0 turns clipping off)")
+    return problems
