@@ -9,9 +9,12 @@ that is renamed into place only when everything succeeded. The work is in ppllm/
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from ppllm import convert
+from ppllm.errors import UserError
+from ppllm.paths import Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +46,27 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--base-hf goes with --lora-only")
             convert.pp_to_hg(a.input_path, a.save_path, a.tag, a.dtype, a.force, convert.parse_size(a.max_shard_size),
                              a.quiet, lora_only=a.lora_only, base_hf=a.base_hf)
-    except (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"convert_model.py {a.mode}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, a read-only or vanished folder: nothing was written (staging removed)
+        print(f"convert_model.py {a.mode}: error: {os_error_message(e, a.save_path)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the staging folder is already removed
+        print(f"convert_model.py {a.mode}: interrupted; nothing was written to {a.save_path}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
+
+
+def os_error_message(e: OSError, save_path: str) -> str:
+    """An OSError as one line: the file, what happened, what to do."""
+    where = e.filename or save_path
+    if e.errno == errno.ENOSPC:
+        return (f"{where}: no space left on device; free space there or choose a --save-path on another disk "
+                f"(nothing was written, the partial output is removed)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}: {e.strerror}; choose a --save-path in a writable folder (nothing was written)"
+    return f"{where}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from models import get_family, read_config
+from models import get_family
 from ppllm import tensor_io as tio
+from ppllm.errors import UserError
 from ppllm.paths import (LORA_META_FILE, META_FILE, PARTITION_FILE, copy_side_files, latest_target, layer_file,
                          layer_index, list_tags, staged_output)
 
@@ -26,8 +27,38 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-class ConversionError(Exception):
-    pass
+class ConversionError(UserError):
+    """A conversion that cannot be done as asked; the message names the file and the fix."""
+
+
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from ``path``; a ConversionError naming the file when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: not UTF-8 text (byte {e.start}); restore the {what} from the original "
+                              f"model") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore the "
+                              f"{what} from the original model") from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: a JSON {type(data).__name__}, not an object; restore the {what} from the "
+                              f"original model")
+    return data
+
+
+def read_model_config(folder: str) -> dict:
+    """config.json of a model folder, checked: JSON, an object, with a model_type."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} not found: a model folder needs the HF config.json")
+    cfg = _read_json(path, "config.json")
+    if not isinstance(cfg.get("model_type"), str):
+        raise ConversionError(f"{path}: no 'model_type' key; restore config.json from the original model")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------
@@ -39,8 +70,10 @@ def hf_weight_files(folder: str) -> tuple[list[str], str]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = os.path.join(folder, index_name)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json(index, "index file").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: no 'weight_map' of tensor names to file names; restore the index "
+                                      f"from the original model")
             files = list(OrderedDict.fromkeys(weight_map.values()))
             missing = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
             if missing:
@@ -56,15 +89,15 @@ def hf_tensor_index(files: list[str], kind: str) -> Iterator[tuple[str, object]]
     """(key, payload) of every tensor, in file order, from the files' headers: byte ranges
     (tensor_io.Stored) where the format allows, else tensors that torch loads when written."""
     for path in files:
-        index = tio.safetensors_index(path) if kind == "safetensors" else tio.torch_zip_index(path)
+        try:
+            index = tio.safetensors_index(path) if kind == "safetensors" else tio.torch_zip_index(path)
+        except tio.DamagedFile as e:
+            raise ConversionError(f"{e}; the file is damaged or incomplete: download or copy it again") from None
         if index is not None:
             yield from index.items()
             continue
         # a legacy (non-zip) or unusual .bin: torch reads it, one file held at a time
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load_state(path, "download or copy it again")
         for key, t in state.items():
             yield key, tio.Lazy(t.dtype, tuple(t.shape), lambda path=path, key=key: _TorchFiles.get(path)[key])
         del state
@@ -79,16 +112,36 @@ class _TorchFiles:
     def get(cls, path: str) -> dict:
         if cls._path != path:
             cls._path, cls._state = None, None
-            try:
-                cls._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                cls._state = torch.load(path, map_location="cpu", weights_only=True)
+            cls._state = _torch_load_state(path, "restore it")
             cls._path = path
         return cls._state
 
     @classmethod
     def close(cls) -> None:
         cls._path, cls._state = None, None
+
+
+def _torch_load_state(path: str, fix: str) -> dict:
+    """{name: tensor} of a torch file read by torch (weights only); a ConversionError naming the file."""
+    import zipfile
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if not zipfile.is_zipfile(path) and magic[:1] != b"\x80":  # neither torch's zip nor its legacy pickle
+        raise ConversionError(f"{path}: not a torch file (no zip archive: truncated, or another format); {fix}")
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch reports a damaged file in many ways
+        reason = " ".join(str(e).split()).split(". ")[0][:120] or type(e).__name__
+        raise ConversionError(f"{path}: not a readable tensor file ({type(e).__name__}: {reason}); {fix}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                              for k, t in state.items()):
+        raise ConversionError(f"{path}: holds a {type(state).__name__}, not a {{name: tensor}} state dict; {fix}")
+    return state
 
 
 def _cast(p, dtype: torch.dtype | None):
@@ -101,7 +154,10 @@ def _cast(p, dtype: torch.dtype | None):
 
 def hg_to_pp(input_path: str, save_path: str, dtype: str | None = None, force: bool = False,
              quiet: bool = False) -> dict:
-    cfg = read_config(input_path)
+    if not os.path.isdir(input_path):
+        raise ConversionError(f"--input-path {input_path}: " + ("a file; give the Hugging Face model folder that "
+                              "holds it" if os.path.exists(input_path) else "no such folder"))
+    cfg = read_model_config(input_path)
     family = get_family(cfg["model_type"])
     args = family.parse_config(cfg)
     keymap = family.key_map(args)
@@ -140,7 +196,7 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str | None = None, force: b
     if problems:
         raise ConversionError(f"{input_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
-    with staged_output(save_path, force) as tmp:
+    with staged_output(save_path, force, inputs=[input_path]) as tmp:
         total = sum(tio.payload_meta(p)[2] for layer in plan.values() for p in layer.values())
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="hg_to_pp", disable=quiet)
         for idx in sorted(expected):
@@ -212,12 +268,13 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
         if adapter is None:
             raise ConversionError(f"{layers_dir} holds no LoRA adapters (no {LORA_META_FILE})")
         return export_peft(layers_dir, config_dir, save_path, adapter, force, base_hf, quiet)
-    cfg = read_config(config_dir)
+    cfg = read_model_config(config_dir)
     family = get_family(cfg["model_type"])
     args = family.parse_config(cfg)
     entries = _plan_export(family, args, layers_dir, adapter, DTYPES[dtype] if dtype else None)
     layout = family.export_layout(args)  # the family's original file layout
-    with staged_output(save_path, force) as tmp:
+    inputs = [input_path, layers_dir, config_dir] + ([adapter["base_model_path"]] if adapter else [])
+    with staged_output(save_path, force, inputs=inputs) as tmp:
         weight_map = _write_shards(tmp, _group_shards(entries, max_shard_bytes), layout, quiet)
         copied = copy_side_files(config_dir, tmp)
         if layers_dir != config_dir:
@@ -245,10 +302,15 @@ def _read_adapter_meta(layers_dir: str) -> dict | None:
 
 def _layer_index(path: str) -> dict[str, object]:
     """{local key: payload} of a layer file: byte ranges when it is a plain torch file."""
-    index = tio.torch_zip_index(path)
+    fix = ("copy it again from the training run, or convert the model again with hg_to_pp; a layer file comes from "
+           "ppllm (hg_to_pp or a checkpoint)")
+    try:
+        index = tio.torch_zip_index(path)
+    except tio.DamagedFile as e:
+        raise ConversionError(f"{e}; {fix}") from None
     if index is not None:
         return index
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = _torch_load_state(path, fix)
     return {k: tio.Lazy(t.dtype, tuple(t.shape), lambda path=path, k=k: _TorchFiles.get(path)[k])
             for k, t in state.items()}
 
@@ -345,7 +407,7 @@ def _merged_loader(layers_dir: str, adapter: dict):
     cache: list = [None, None]
 
     def load(directory: str, idx: int) -> dict:
-        return torch.load(layer_file(directory, idx), map_location="cpu", weights_only=True, mmap=True)
+        return _torch_load_state(layer_file(directory, idx), "copy it again from the training run")
 
     def merged(idx: int) -> dict:
         if cache[0] != idx:
@@ -383,11 +445,11 @@ def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, fo
     from safetensors.torch import save_file
 
     from ppllm import lora as lora_mod
-    cfg = read_config(config_dir)
+    cfg = read_model_config(config_dir)
     family = get_family(cfg["model_type"])
     margs = family.parse_config(cfg)
     if base_hf and os.path.isfile(os.path.join(base_hf, "config.json")):
-        base_cfg = read_config(base_hf)
+        base_cfg = read_model_config(base_hf)
         if (base_cfg.get("model_type") != cfg["model_type"]
                 or family.expected_shapes(family.parse_config(base_cfg)) != family.expected_shapes(margs)):
             raise ConversionError(f"--base-hf {base_hf}: its config.json is not the adapter's base model "
@@ -399,7 +461,7 @@ def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, fo
         path = layer_file(layers_dir, idx)
         if not os.path.isfile(path):
             continue
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load_state(path, "copy it again from the training run")
         slot = family.slot_of(margs, idx)
         for key, t in state.items():
             if not lora_mod.is_lora_key(key):
@@ -412,7 +474,7 @@ def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, fo
     lora = meta["lora"]
     write_base = not (base_hf and os.path.isfile(os.path.join(base_hf, "config.json")))
     base_final = os.path.abspath(base_hf or os.path.join(save_path, "base"))
-    with staged_output(save_path, force) as tmp:
+    with staged_output(save_path, force, inputs=[layers_dir, config_dir, meta["base_model_path"]]) as tmp:
         if write_base:  # inside the staged folder when it goes under save_path, so both appear together
             inside = os.path.commonpath([base_final, os.path.abspath(save_path)]) == os.path.abspath(save_path)
             where = os.path.join(tmp, os.path.relpath(base_final, os.path.abspath(save_path))) if inside else base_final

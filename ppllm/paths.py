@@ -25,6 +25,8 @@ import socket
 import tempfile
 from typing import Iterator
 
+from ppllm.errors import UserError
+
 LAYER_FILE_RE = re.compile(r"layer_(\d+)-model_states\.pt")
 META_FILE = "ppllm.json"
 PARTITION_FILE = "ppllm_partition.json"
@@ -129,20 +131,168 @@ class OutputExists(FileExistsError):
     """The output folder is there and not empty, and replacing it was not asked for."""
 
 
-@contextlib.contextmanager
-def staged_output(save_path: str, force: bool = False) -> Iterator[str]:
-    """Yield a temporary folder beside ``save_path``; on success it replaces ``save_path``,
-    on any error (Ctrl-C too) it is removed and ``save_path`` is untouched."""
-    if os.path.exists(save_path) and (not os.path.isdir(save_path) or os.listdir(save_path)) and not force:
-        raise OutputExists(f"{save_path} exists and is not empty; pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(save_path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+class OutputRefused(UserError):
+    """The output cannot go where asked (a file is there, it overlaps the input, the folder is not writable)."""
+
+
+STAGING_PREFIX = ".convert-"
+# .convert-HOST-PID-XXXXXXXX: the host and process that stage there, so a later run can tell a
+# folder left by a killed conversion (its process is gone) from one that is still being written
+_STAGING_RE = re.compile(r"\.convert-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]{8})(?P<old>\.old)?")
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        yield tmp
-        if os.path.exists(save_path):
-            shutil.rmtree(save_path)
-        os.replace(tmp, save_path)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def clean_stale_staging(parent: str, log=None) -> tuple[list[str], list[str]]:
+    """Staging folders beside an output left by conversions that were killed (SIGKILL, a lost node):
+    those of this host whose process is gone are removed; those of other hosts, or of an older
+    ppllm that did not record its process, are named (they may belong to a conversion still
+    running). Returns (removed, named)."""
+    import sys
+    log = log or (lambda text: print(text, file=sys.stderr))
+    removed, named = [], []
+    try:
+        names = sorted(n for n in os.listdir(parent) if n.startswith(STAGING_PREFIX))
+    except OSError:
+        return removed, named
+    host = socket.gethostname()
+    for name in names:
+        path = os.path.join(parent, name)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        m = _STAGING_RE.fullmatch(name)
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            size = _tree_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                removed.append(path)
+                log(f"note: removed {path} ({size / 2 ** 20:.1f} MiB), the staging folder of a conversion "
+                    f"(pid {m['pid']}) that was killed")
+                continue
+        if m and m["host"] == host:
+            continue  # a conversion running on this host right now
+        named.append(path)
+        who = f"host {m['host']}, pid {m['pid']}" if m else "an older ppllm that did not record its process"
+        log(f"note: {path} ({_tree_size(path) / 2 ** 20:.1f} MiB) is the staging folder of another conversion "
+            f"({who}); remove it if that conversion is no longer running")
+    return removed, named
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return os.path.commonpath([inner, outer]) == outer
+
+
+def check_output_place(save_path: str, inputs=(), force: bool = False) -> None:
+    """Refuse an output that is a file, or that would replace, hold or sit inside an input
+    (symlinks resolved); without ``force`` a non-empty folder is not replaced either."""
+    out = _real(save_path)
+    for src in inputs:
+        if not src:
+            continue
+        real = _real(src)
+        if out == real:
+            raise OutputRefused(f"--save-path {save_path} is the input {src}"
+                                + (f" (both are {real})" if save_path != src else "")
+                                + "; converting in place would replace the input; give another --save-path")
+        if _inside(real, out) and (force or os.path.exists(save_path)):
+            raise OutputRefused(f"--save-path {save_path} holds the input {src}; replacing it would delete the "
+                                f"input; give a --save-path outside {src}")
+        if _inside(out, real) and force and os.path.exists(save_path):
+            raise OutputRefused(f"--save-path {save_path} is inside the input {src}; --force would replace part "
+                                f"of the input; give a --save-path outside {src}")
+    if os.path.lexists(save_path) and not os.path.isdir(save_path):
+        raise OutputRefused(f"--save-path {save_path} is a file; the output is a folder: give a new folder name, or "
+                            f"move the file away")
+    if os.path.exists(save_path) and os.listdir(save_path) and not force:
+        raise OutputExists(f"{save_path} exists and is not empty; pass --force to replace it")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a conversion: unwinds like Ctrl-C, so the staging folder is removed."""
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM (and SIGINT, if something replaced Python's default) raise in the main thread."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_term(signum, frame):
+        raise Terminated(f"signal {signum}")
+    previous = {}
+    for sig, handler in ((signal.SIGTERM, raise_term), (signal.SIGINT, signal.default_int_handler)):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def staged_output(save_path: str, force: bool = False, inputs=()) -> Iterator[str]:
+    """Yield a temporary folder beside ``save_path``; on success it replaces ``save_path``,
+    on any error or signal (Ctrl-C, SIGTERM) it is removed and ``save_path`` is untouched.
+    The output may not be a file, nor replace, hold or (with ``force``) lie inside one of ``inputs``.
+    Staging folders of killed conversions found beside the output are removed or named."""
+    check_output_place(save_path, inputs, force)
+    parent = os.path.dirname(os.path.abspath(save_path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise OutputRefused(f"cannot create {parent} for --save-path {save_path}: {e.strerror}; choose a "
+                            f"--save-path in a writable folder") from None
+    clean_stale_staging(parent)
+    prefix = f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    try:
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as e:
+        raise OutputRefused(f"cannot write in {parent} (for --save-path {save_path}): {e.strerror}; choose a "
+                            f"--save-path in a writable folder, or make {parent} writable") from None
+    try:
+        with _signals_unwind():
+            yield tmp
+            if os.path.lexists(save_path):  # replaced with --force: out of the way first, removed after
+                old = tmp + ".old"
+                os.replace(save_path, old)
+                try:
+                    os.replace(tmp, save_path)
+                except BaseException:
+                    os.replace(old, save_path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, save_path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = e.filename if isinstance(e.filename, str) else None
+        if name and os.path.abspath(name).startswith(tmp + os.sep):  # name the output file, not the staging one
+            raise OSError(e.errno, e.strerror, os.path.join(save_path, os.path.relpath(name, tmp))) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -87,23 +87,55 @@ def payload_meta(p) -> tuple[torch.dtype, tuple, int]:
 # reading
 
 
+class DamagedFile(ValueError):
+    """A tensor file whose header or layout does not fit the file: truncated, corrupted, not that format."""
+
+
+# safetensors' own reader refuses headers above 100 MB; a length beyond that (or beyond the file) is damage
+ST_HEADER_LIMIT = 100 * 10 ** 6
+
+
 def safetensors_index(path: str) -> dict[str, Stored]:
-    """Every tensor of a safetensors file, from its header alone."""
+    """Every tensor of a safetensors file, from its header alone; the header is checked against the
+    file's size (DamagedFile naming the file otherwise), so no tensor is read past the end."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
+            raise DamagedFile(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", head)
-        header = json.loads(f.read(n))
+        if n > min(ST_HEADER_LIMIT, size - 8):
+            raise DamagedFile(f"{path}: its header length is {n} bytes but the file has {size - 8} after it"
+                              + (" (safetensors allows at most 100 MB)" if n > ST_HEADER_LIMIT else ""))
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DamagedFile(f"{path}: its header is not valid JSON ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:120]})") from None
+    if not isinstance(header, dict):
+        raise DamagedFile(f"{path}: its header is a JSON {type(header).__name__}, not an object")
     base = 8 + n
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in ST_DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which ppllm does not convert")
-        start, end = info["data_offsets"]
-        out[key] = Stored(path, base + start, end - start, ST_DTYPES[info["dtype"]], tuple(info["shape"]))
+        try:
+            dtype_name, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, end, *shape)):
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            raise DamagedFile(f"{path}: tensor {key!r} has no valid dtype, shape and data_offsets in the header "
+                              f"({json.dumps(info)[:120]})") from None
+        if dtype_name not in ST_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype_name}, which ppllm does not convert")
+        nbytes = math.prod(shape) * ST_DTYPES[dtype_name].itemsize
+        if end - start != nbytes:
+            raise DamagedFile(f"{path}: tensor {key!r} has data_offsets [{start}, {end}], {end - start} bytes, but "
+                              f"{dtype_name} {list(shape)} is {nbytes} bytes")
+        if base + end > size:
+            raise DamagedFile(f"{path}: tensor {key!r} ends at byte {base + end} but the file has {size} bytes "
+                              f"(truncated?)")
+        out[key] = Stored(path, base + start, nbytes, ST_DTYPES[dtype_name], shape)
     return out
 
 
@@ -161,6 +193,7 @@ def torch_zip_index(path: str) -> dict[str, Stored] | None:
     or None when the file is something else (legacy format, views, other objects)."""
     if not zipfile.is_zipfile(path):
         return None
+    size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as z:
             infos = {i.filename: i for i in z.infolist()}
@@ -188,9 +221,17 @@ def torch_zip_index(path: str) -> dict[str, Stored] | None:
                     return None
                 f.seek(info.header_offset)
                 local = f.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise DamagedFile(f"{path}: the zip record of tensor {key!r} is damaged")
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
-                out[key] = Stored(path, info.header_offset + 30 + name_len + extra_len, nbytes, st.dtype, t.size)
+                at = info.header_offset + 30 + name_len + extra_len
+                if at + nbytes > size:
+                    raise DamagedFile(f"{path}: tensor {key!r} ends at byte {at + nbytes} but the file has "
+                                      f"{size} bytes (truncated?)")
+                out[key] = Stored(path, at, nbytes, st.dtype, t.size)
         return out
+    except DamagedFile:
+        raise
     except (_NotPlain, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError):
         return None
 
@@ -214,7 +255,9 @@ def _copy_range(src_fd: int, offset: int, nbytes: int, dst_fd: int) -> None:
                 chunk = os.read(src_fd, min(16 << 20, nbytes - done))
                 if not chunk:
                     raise OSError(f"unexpected end of file while copying {nbytes} bytes at {offset}")
-                os.write(dst_fd, chunk)
+                view = memoryview(chunk)
+                while view:  # a short write (a filling disk) must not drop bytes
+                    view = view[os.write(dst_fd, view):]
                 done += len(chunk)
             return
         done += n
@@ -224,18 +267,30 @@ class _Writer:
     """Appends to one open file; tensor payloads are copied from their source files."""
 
     def __init__(self, path: str):
+        self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.pos = 0
         self._sources: dict[str, int] = {}
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.pos += n
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.pos += n
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
 
     def payload(self, p) -> None:
+        try:
+            self._payload(p)
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, self.path) from None
+
+    def _payload(self, p) -> None:
         if isinstance(p, Stored):
             if p.path not in self._sources:
                 self._sources[p.path] = os.open(p.path, os.O_RDONLY)
