@@ -116,7 +116,11 @@ def load(model_dir: str, template_name: str = "auto", trust_remote_code: bool = 
     with open(os.path.join(model_dir, "config.json")) as f:
         model_type = json.load(f).get("model_type")
     tok = load_tokenizer(model_dir, model_type)
-    template = get_template(template_name, tok, model_type)
+    try:
+        template = get_template(template_name, tok, model_type)
+    except ValueError as e:  # a template this tokenizer cannot encode (its special tokens are missing)
+        raise SystemExit(f"ppllm.chat: error: --template {template_name} with {model_dir}: "
+                         f"{' '.join(str(e).split())}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32 if not torch.cuda.is_available() else "auto")
@@ -140,6 +144,21 @@ def generate(model, tok, template, ids: list[int], max_new_tokens: int, temperat
     return streamer.text()
 
 
+def _argument_problem(a) -> str | None:
+    """A command-line value that would fail only after the model has loaded, as one line."""
+    import math
+
+    from data.templates import TEMPLATES
+    if a.max_new_tokens < 1:
+        return f"--max-new-tokens {a.max_new_tokens}: give the number of tokens to generate, at least 1 (e.g. 256)"
+    if not math.isfinite(a.temperature) or a.temperature < 0:
+        return f"--temperature {a.temperature}: give a finite number >= 0 (0 = greedy)"
+    if a.template != "auto" and a.template not in TEMPLATES:
+        return (f"--template {a.template!r} is not a template; use auto (the family's own, as in training) or one "
+                f"of {', '.join(sorted(TEMPLATES))}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ppllm.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default="auto", help="template name (default: the family's own, as in training)")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run the folder's model code")
     a = p.parse_args(argv)
+    problem = _argument_problem(a)
+    if problem:
+        print(f"ppllm.chat: error: {problem}", file=sys.stderr)
+        return 2
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         print(f"ppllm.chat: error: {a.model} has no config.json; export a model with "
               f"convert_model.py pp_to_hg first", file=sys.stderr)
