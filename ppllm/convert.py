@@ -4,10 +4,12 @@
 files; ``pp_to_hg`` inverts the same map and streams the tensors into the family's original
 file layout. Both stream one tensor at a time and write into a staged folder that replaces
 the output only when everything succeeded (``ppllm.paths.staged_output``).
-The command line is ``convert_model.py``.
+The command line is ``convert_model.py`` (:func:`main`): every user error is one line naming the
+file and the fix, with exit status 2.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -20,8 +22,8 @@ from tqdm import tqdm
 from models import get_family
 from ppllm import tensor_io as tio
 from ppllm.errors import UserError
-from ppllm.paths import (LORA_META_FILE, META_FILE, PARTITION_FILE, copy_side_files, latest_target, layer_file,
-                         layer_index, list_tags, staged_output)
+from ppllm.paths import (LORA_META_FILE, META_FILE, PARTITION_FILE, Terminated, copy_side_files, latest_target,
+                         layer_file, layer_index, list_tags, staged_output)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -506,3 +508,62 @@ def parse_size(text: str | int) -> int:
     if t.isdigit():
         return int(t)
     raise ValueError(f"--max-shard-size {text!r}: give a number of bytes or a size such as 500MB, 5GB or 2GiB")
+
+
+# ---------------------------------------------------------------------------------------
+# the command line (convert_model.py)
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> int:
+    """``convert_model.py``: the command line; user errors as one line and exit status 2."""
+    import argparse
+    p = argparse.ArgumentParser(prog="convert_model.py", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["hg_to_pp", "pp_to_hg"])
+    p.add_argument("--input-path", required=True)
+    p.add_argument("--save-path", required=True)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: keep)")
+    p.add_argument("--tag", default=None, help="pp_to_hg: checkpoint tag inside a training save_path (default: latest)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="pp_to_hg: shard size; decimal units as in huggingface_hub (5GB = 5e9 bytes), or GiB/MiB")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --save-path")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="pp_to_hg of a LoRA checkpoint: merged full weights (the default for adapter checkpoints)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="pp_to_hg of a LoRA checkpoint: PEFT adapter_model.safetensors + adapter_config.json")
+    p.add_argument("--base-hf", default=None, metavar="PATH",
+                   help="--lora-only: the HF export of the base model that adapter_config.json names (written "
+                        "there when PATH does not exist; default SAVE_PATH/base)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.mode == "hg_to_pp":
+            hg_to_pp(a.input_path, a.save_path, a.dtype, a.force, a.quiet)
+        else:
+            if a.merge_lora and a.lora_only:
+                raise ValueError("--merge-lora and --lora-only exclude each other")
+            if a.base_hf and not a.lora_only:
+                raise ValueError("--base-hf goes with --lora-only")
+            pp_to_hg(a.input_path, a.save_path, a.tag, a.dtype, a.force, parse_size(a.max_shard_size),
+                     a.quiet, lora_only=a.lora_only, base_hf=a.base_hf)
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"convert_model.py {a.mode}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, a read-only or vanished folder: nothing was written (staging removed)
+        print(f"convert_model.py {a.mode}: error: {os_error_message(e, a.save_path)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the staging folder is already removed
+        print(f"convert_model.py {a.mode}: interrupted; nothing was written to {a.save_path}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    return 0
+
+
+def os_error_message(e: OSError, save_path: str) -> str:
+    """An OSError as one line: the file, what happened, what to do."""
+    where = e.filename or save_path
+    if e.errno == errno.ENOSPC:
+        return (f"{where}: no space left on device; free space there or choose a --save-path on another disk "
+                f"(nothing was written, the partial output is removed)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}: {e.strerror}; choose a --save-path in a writable folder (nothing was written)"
+    return f"{where}: {e.strerror or e}"

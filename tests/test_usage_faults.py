@@ -2,9 +2,9 @@
 names the key or the file and the fix, a non-zero exit and no traceback, and nothing is lost:
 the input model stays byte-identical and no staging folder is left beside the output.
 
-In-process calls of ``convert_model.main``, ``ppllm.train.main`` (the dry run and the launch's
-own check) and ``ppllm.chat.main``; subprocesses only where a signal has to arrive mid-conversion.
-No DeepSpeed launch."""
+In-process calls of ``ppllm.convert.main`` (convert_model.py), ``ppllm.train.main`` (the dry run
+and the launch's own check) and ``ppllm.chat.main``; subprocesses only where a signal has to
+arrive mid-conversion. No DeepSpeed launch."""
 import contextlib
 import errno
 import hashlib
@@ -23,7 +23,6 @@ import pytest
 import torch
 import yaml
 
-import convert_model
 from ppllm import convert as cm
 from ppllm import paths
 from ppllm.tiny import make_llama
@@ -62,10 +61,10 @@ def staging_left(parent) -> list[str]:
 
 
 def convert(*argv):
-    """convert_model.py in this process: (exit code, stderr lines)."""
+    """convert_model.py (ppllm.convert.main) in this process: (exit code, stderr lines)."""
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        rc = convert_model.main([str(a) for a in argv] + ["--quiet"])
+        rc = cm.main([str(a) for a in argv] + ["--quiet"])
     return rc, [line for line in err.getvalue().splitlines() if line.strip()]
 
 
@@ -409,8 +408,7 @@ def test_force_still_replaces_an_unrelated_output(models, tmp_path):
 
 
 SLOW_CONVERT = """
-import os, sys, time
-sys.path.insert(0, {repo!r})
+import sys, time
 from ppllm import tensor_io as tio
 real = tio.write_torch_state
 def slow(path, items):
@@ -418,13 +416,13 @@ def slow(path, items):
     open({flag!r}, "w").close()  # the staging folder holds a layer file now
     time.sleep(120)
 tio.write_torch_state = slow
-import convert_model
-sys.exit(convert_model.main(["hg_to_pp", "--input-path", {src!r}, "--save-path", {out!r}, "--quiet"]))
+from ppllm.convert import main
+sys.exit(main(["hg_to_pp", "--input-path", {src!r}, "--save-path", {out!r}, "--quiet"]))
 """
 
 
 def start_slow_conversion(src, out, flag):
-    code = SLOW_CONVERT.format(repo=REPO, flag=str(flag), src=str(src), out=str(out))
+    code = SLOW_CONVERT.format(flag=str(flag), src=str(src), out=str(out))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([PY, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
