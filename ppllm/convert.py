@@ -225,7 +225,8 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str | None = None, force: b
 def resolve_pipeline_dir(input_path: str, tag: str | None = None) -> tuple[str, str]:
     """(folder with the layer files, folder with config.json) for a pp folder or a training save_path."""
     if not os.path.isdir(input_path):
-        raise ConversionError(f"{input_path} does not exist (expected a pipeline folder from hg_to_pp, "
+        what = "is a file, not a folder" if os.path.exists(input_path) else "does not exist"
+        raise ConversionError(f"{input_path} {what} (expected a pipeline folder from hg_to_pp, "
                               f"or a training save_path)")
     tags = list_tags(input_path)
     if tag:
@@ -233,7 +234,7 @@ def resolve_pipeline_dir(input_path: str, tag: str | None = None) -> tuple[str, 
         if not os.path.isdir(layers):
             have = f"tags there: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
             raise ConversionError(f"tag {tag!r} not found in {input_path}; {have}")
-    elif (latest := latest_target(input_path)) is not None:
+    elif (latest := _latest_tag(input_path, tags)) is not None:
         layers = os.path.join(input_path, latest)
         if not os.path.isdir(layers):
             have = f"; tags there: {', '.join(tags)} (pick one with --tag)" if tags else ""
@@ -246,6 +247,16 @@ def resolve_pipeline_dir(input_path: str, tag: str | None = None) -> tuple[str, 
     where = " or ".join(dict.fromkeys((layers, input_path)))
     raise ConversionError(f"no config.json in {where}: not a pipeline folder (make one with "
                           f"convert_model.py hg_to_pp) or a training save_path")
+
+
+def _latest_tag(input_path: str, tags: list[str]) -> str | None:
+    """What input_path/latest names (None without one); a ConversionError when it is not text."""
+    try:
+        return latest_target(input_path)
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConversionError(f"{os.path.join(input_path, 'latest')} cannot be read as a tag name "
+                              f"({type(e).__name__}); name the checkpoint with --tag"
+                              + (f" (tags there: {', '.join(tags)})" if tags else "")) from None
 
 
 class _Entry:

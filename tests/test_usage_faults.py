@@ -283,6 +283,22 @@ def test_pp_to_hg_truncated_or_foreign_layer_file(models, tmp_path, what, damage
     assert not os.path.exists(tmp_path / "out") and not staging_left(tmp_path)
 
 
+def test_pp_to_hg_a_file_as_input_and_a_binary_latest(models, tmp_path):
+    _, pp = models
+    rc, lines = convert("pp_to_hg", "--input-path", pp / "config.json", "--save-path", tmp_path / "a")
+    one_error(rc, lines, "pp_to_hg", f"{pp / 'config.json'} is a file, not a folder")
+    save = tmp_path / "run"
+    shutil.copytree(pp, save / "global_step3")
+    (save / "latest").write_bytes(b"\xff\xfe\x00")
+    before = snapshot(save)
+    rc, lines = convert("pp_to_hg", "--input-path", save, "--save-path", tmp_path / "b")
+    one_error(rc, lines, "pp_to_hg", f"{save / 'latest'} cannot be read as a tag name",
+              "name the checkpoint with --tag (tags there: global_step3)")
+    assert not os.path.exists(tmp_path / "b")
+    assert convert("pp_to_hg", "--input-path", save, "--save-path", tmp_path / "b", "--tag", "global_step3")[0] == 0
+    assert snapshot(save) == before and not staging_left(tmp_path)
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_save_path_that_is_a_file(models, tmp_path, force):
     hf, _ = models
