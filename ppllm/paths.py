@@ -136,9 +136,22 @@ class OutputRefused(UserError):
 
 
 STAGING_PREFIX = ".convert-"
-# .convert-HOST-PID-XXXXXXXX: the host and process that stage there, so a later run can tell a
-# folder left by a killed conversion (its process is gone) from one that is still being written
-_STAGING_RE = re.compile(r"\.convert-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]{8})(?P<old>\.old)?")
+# .convert-HOST-PIDNS-PID-XXXXXXXX: the host, pid namespace and process that stage there, so a later
+# run can tell a folder left by a killed conversion (its process is gone) from one still being
+# written, also by a container that shares this host name but not its process ids
+_STAGING_RE = re.compile(r"\.convert-(?P<host>.+)-(?P<ns>\d+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]{8})(?P<old>\.old)?")
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (0 where /proc does not say)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def staging_prefix() -> str:
+    return f"{STAGING_PREFIX}{socket.gethostname()}-{_pid_namespace()}-{os.getpid()}-"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -172,13 +185,14 @@ def clean_stale_staging(parent: str, log=None) -> tuple[list[str], list[str]]:
         names = sorted(n for n in os.listdir(parent) if n.startswith(STAGING_PREFIX))
     except OSError:
         return removed, named
-    host = socket.gethostname()
+    host, ns = socket.gethostname(), str(_pid_namespace())
     for name in names:
         path = os.path.join(parent, name)
         if not os.path.isdir(path) or os.path.islink(path):
             continue
         m = _STAGING_RE.fullmatch(name)
-        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+        ours = m is not None and m["host"] == host and m["ns"] == ns  # process ids we can check
+        if ours and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
             size = _tree_size(path)
             shutil.rmtree(path, ignore_errors=True)
             if not os.path.exists(path):
@@ -186,10 +200,11 @@ def clean_stale_staging(parent: str, log=None) -> tuple[list[str], list[str]]:
                 log(f"note: removed {path} ({size / 2 ** 20:.1f} MiB), the staging folder of a conversion "
                     f"(pid {m['pid']}) that was killed")
                 continue
-        if m and m["host"] == host:
+        if ours:
             continue  # a conversion running on this host right now
         named.append(path)
-        who = f"host {m['host']}, pid {m['pid']}" if m else "an older ppllm that did not record its process"
+        who = (f"host {m['host']}, pid {m['pid']}" + (" in another container" if m["host"] == host else "")
+               if m else "an older ppllm or another tool that did not record its process")
         log(f"note: {path} ({_tree_size(path) / 2 ** 20:.1f} MiB) is the staging folder of another conversion "
             f"({who}); remove it if that conversion is no longer running")
     return removed, named
@@ -267,9 +282,8 @@ def staged_output(save_path: str, force: bool = False, inputs=()) -> Iterator[st
         raise OutputRefused(f"cannot create {parent} for --save-path {save_path}: {e.strerror}; choose a "
                             f"--save-path in a writable folder") from None
     clean_stale_staging(parent)
-    prefix = f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
     try:
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        tmp = tempfile.mkdtemp(prefix=staging_prefix(), dir=parent)
     except OSError as e:
         raise OutputRefused(f"cannot write in {parent} (for --save-path {save_path}): {e.strerror}; choose a "
                             f"--save-path in a writable folder, or make {parent} writable") from None

@@ -458,7 +458,8 @@ def test_a_signal_removes_the_staging_folder(models, tmp_path, sig, code):
     out = tmp_path / "pp"
     proc = start_slow_conversion(hf, out, tmp_path / "started")
     staging = staging_left(tmp_path)
-    assert staging == [s for s in staging if s.startswith(f".convert-{socket.gethostname()}-{proc.pid}-")] != []
+    prefix = paths.staging_prefix().replace(f"-{os.getpid()}-", f"-{proc.pid}-")
+    assert staging and all(s.startswith(prefix) for s in staging), (staging, prefix)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
@@ -477,21 +478,25 @@ def test_a_killed_conversions_staging_folder_is_removed_by_the_next_run(models, 
     [stale] = staging_left(tmp_path)
     size = sum(os.path.getsize(tmp_path / stale / n) for n in os.listdir(tmp_path / stale))
     assert size > 0
-    # a conversion of this host still running (a live pid) and one of another host are not touched
+    # a conversion of this host still running (a live pid) is not touched; one of another host, or
+    # of a container with this host name but other process ids, is named
     sleeper = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"])
     try:
-        running = tmp_path / f".convert-{socket.gethostname()}-{sleeper.pid}-abcd1234"
-        other = tmp_path / ".convert-otherhost-4242-efgh5678"
-        running.mkdir()
-        other.mkdir()
+        running = tmp_path / (paths.staging_prefix().replace(f"-{os.getpid()}-", f"-{sleeper.pid}-") + "abcd1234")
+        other = tmp_path / ".convert-otherhost-17-4242-efgh5678"
+        container = tmp_path / f".convert-{socket.gethostname()}-1-99999999-ijkl9012"
+        for d in (running, other, container):
+            d.mkdir()
         rc, lines = convert("hg_to_pp", "--input-path", hf, "--save-path", out)
         assert rc == 0, lines
         assert sorted(lines) == sorted([
             f"note: removed {tmp_path / stale} ({size / 2 ** 20:.1f} MiB), "
             f"the staging folder of a conversion (pid {proc.pid}) that was killed",
             f"note: {other} (0.0 MiB) is the staging folder of another conversion (host otherhost, pid 4242); "
-            f"remove it if that conversion is no longer running"]), lines
-        assert sorted(staging_left(tmp_path)) == sorted([running.name, other.name])
+            f"remove it if that conversion is no longer running",
+            f"note: {container} (0.0 MiB) is the staging folder of another conversion (host {socket.gethostname()}, "
+            f"pid 99999999 in another container); remove it if that conversion is no longer running"]), lines
+        assert sorted(staging_left(tmp_path)) == sorted([running.name, other.name, container.name])
         assert os.path.isfile(paths.layer_file(str(out), 0))
     finally:
         sleeper.kill()
