@@ -161,6 +161,18 @@ def test_dry_run_and_launch_refuse_what_the_launch_cannot_run(models, tmp_path, 
     assert not os.path.exists(tmp_path / "run_c")
 
 
+def test_train_pp_dry_run_door_prints_one_line(models, tmp_path):
+    """The script itself (its own process): exit 2, one line, no traceback."""
+    _, pp = models
+    config = write_config(tmp_path, pp)
+    p = subprocess.run([PY, "train_pp.py", "--config", str(config), "--dry-run", "--set", "zero_optimization.stage=3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = [line for line in (p.stdout + p.stderr).splitlines() if line.strip()]
+    assert p.returncode == 2 and "Traceback" not in p.stdout + p.stderr
+    assert out == [f"error: {config}: zero_optimization.stage: 3 is not supported with pipeline parallelism "
+                   f"(DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only); use stage: 1"], out
+
+
 def test_the_same_configs_pass_with_good_values(models, tmp_path):
     """The rows above fail for their value alone: the same keys with good values load."""
     from ppllm.config import load_config
