@@ -33,23 +33,36 @@ class ConversionError(UserError):
     """A conversion that cannot be done as asked; the message names the file and the fix."""
 
 
-def _read_json(path: str, what: str) -> dict:
-    """A JSON object from ``path``; a ConversionError naming the file when it is not one."""
+def _read_json(path: str, fix: str) -> dict:
+    """A JSON object from ``path``; a ConversionError naming the file and ``fix`` when it is not one."""
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ConversionError(f"{path}: not UTF-8 text (byte {e.start}); restore the {what} from the original "
-                              f"model") from None
+        raise ConversionError(f"{path}: not UTF-8 text (byte {e.start}); {fix}") from None
     except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore the "
-                              f"{what} from the original model") from None
+        raise ConversionError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {fix}") from None
     except OSError as e:
         raise ConversionError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
-        raise ConversionError(f"{path}: a JSON {type(data).__name__}, not an object; restore the {what} from the "
-                              f"original model")
+        raise ConversionError(f"{path}: a JSON {type(data).__name__}, not an object; {fix}")
     return data
+
+
+def model_of(folder: str):
+    """(config, family, parsed args) of a model folder; a ConversionError naming config.json when the
+    family cannot read it."""
+    cfg = read_model_config(folder)
+    try:
+        family = get_family(cfg["model_type"])
+    except ValueError as e:
+        raise ConversionError(f"{os.path.join(folder, 'config.json')}: {e}") from None
+    try:
+        return cfg, family, family.parse_config(cfg)
+    except Exception as e:  # noqa: BLE001 - parsing a config: any failure is the file's (transformers' own checks too)
+        reason = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
+        raise ConversionError(f"{os.path.join(folder, 'config.json')}: not a usable {cfg['model_type']} config "
+                              f"({reason}); restore config.json from the original model") from None
 
 
 def read_model_config(folder: str) -> dict:
@@ -57,7 +70,7 @@ def read_model_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{path} not found: a model folder needs the HF config.json")
-    cfg = _read_json(path, "config.json")
+    cfg = _read_json(path, "restore config.json from the original model")
     if not isinstance(cfg.get("model_type"), str):
         raise ConversionError(f"{path}: no 'model_type' key; restore config.json from the original model")
     return cfg
@@ -72,7 +85,7 @@ def hf_weight_files(folder: str) -> tuple[list[str], str]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = os.path.join(folder, index_name)
         if os.path.isfile(index):
-            weight_map = _read_json(index, "index file").get("weight_map")
+            weight_map = _read_json(index, "restore the index file from the original model").get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ConversionError(f"{index}: no 'weight_map' of tensor names to file names; restore the index "
                                       f"from the original model")
@@ -159,9 +172,7 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str | None = None, force: b
     if not os.path.isdir(input_path):
         raise ConversionError(f"--input-path {input_path}: " + ("a file; give the Hugging Face model folder that "
                               "holds it" if os.path.exists(input_path) else "no such folder"))
-    cfg = read_model_config(input_path)
-    family = get_family(cfg["model_type"])
-    args = family.parse_config(cfg)
+    cfg, family, args = model_of(input_path)
     keymap = family.key_map(args)
     expected = family.expected_shapes(args)
     files, kind = hf_weight_files(input_path)
@@ -281,9 +292,7 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
         if adapter is None:
             raise ConversionError(f"{layers_dir} holds no LoRA adapters (no {LORA_META_FILE})")
         return export_peft(layers_dir, config_dir, save_path, adapter, force, base_hf, quiet)
-    cfg = read_model_config(config_dir)
-    family = get_family(cfg["model_type"])
-    args = family.parse_config(cfg)
+    cfg, family, args = model_of(config_dir)
     entries = _plan_export(family, args, layers_dir, adapter, DTYPES[dtype] if dtype else None)
     layout = family.export_layout(args)  # the family's original file layout
     inputs = [input_path, layers_dir, config_dir] + ([adapter["base_model_path"]] if adapter else [])
@@ -307,10 +316,16 @@ def pp_to_hg(input_path: str, save_path: str, tag: str | None = None, dtype: str
 
 
 def _read_adapter_meta(layers_dir: str) -> dict | None:
-    if not os.path.isfile(os.path.join(layers_dir, LORA_META_FILE)):
-        return None  # the common case: no need to import the LoRA (training) code
-    from ppllm import lora
-    return lora.read_meta(layers_dir)
+    path = os.path.join(layers_dir, LORA_META_FILE)
+    if not os.path.isfile(path):
+        return None  # the common case: a full checkpoint
+    meta = _read_json(path, "restore it from the training run")
+    lora = meta.get("lora")
+    if not isinstance(meta.get("base_model_path"), str) or not isinstance(lora, dict) or not all(
+            isinstance(lora.get(k), (int, float)) and not isinstance(lora.get(k), bool) for k in ("r", "alpha")):
+        raise ConversionError(f"{path}: needs base_model_path and lora.r / lora.alpha; restore it from the training "
+                              f"run")
+    return meta
 
 
 def _layer_index(path: str) -> dict[str, object]:
@@ -458,9 +473,7 @@ def export_peft(layers_dir: str, config_dir: str, save_path: str, meta: dict, fo
     from safetensors.torch import save_file
 
     from ppllm import lora as lora_mod
-    cfg = read_model_config(config_dir)
-    family = get_family(cfg["model_type"])
-    margs = family.parse_config(cfg)
+    cfg, family, margs = model_of(config_dir)
     if base_hf and os.path.isfile(os.path.join(base_hf, "config.json")):
         base_cfg = read_model_config(base_hf)
         if (base_cfg.get("model_type") != cfg["model_type"]

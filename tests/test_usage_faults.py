@@ -259,6 +259,8 @@ HF_DAMAGE = [  # (what, how, the file it names, what the line says)
      .write('{"weight_map": '), "model.safetensors.index.json", "not valid JSON"),
     ("invalid config", lambda p: open(os.path.join(os.path.dirname(p), "config.json"), "w")
      .write('{"model_type": "llama",'), "config.json", "not valid JSON"),
+    ("unusable config", lambda p: open(os.path.join(os.path.dirname(p), "config.json"), "w")
+     .write('{"model_type": "llama", "num_hidden_layers": "two"}'), "config.json", "not a usable llama config"),
 ]
 
 
@@ -309,6 +311,16 @@ def test_pp_to_hg_a_file_as_input_and_a_binary_latest(models, tmp_path):
     assert not os.path.exists(tmp_path / "b")
     assert convert("pp_to_hg", "--input-path", save, "--save-path", tmp_path / "b", "--tag", "global_step3")[0] == 0
     assert snapshot(save) == before and not staging_left(tmp_path)
+
+
+def test_pp_to_hg_damaged_adapter_settings(models, tmp_path):
+    _, pp = models
+    src = copy_model(pp, tmp_path / "pp")
+    (src / "ppllm_lora.json").write_text('{"lora": 3')
+    before = snapshot(src)
+    rc, lines = convert("pp_to_hg", "--input-path", src, "--save-path", tmp_path / "out")
+    one_error(rc, lines, "pp_to_hg", f"{src / 'ppllm_lora.json'}: not valid JSON", "restore it from the training run")
+    assert snapshot(src) == before and not os.path.exists(tmp_path / "out") and not staging_left(tmp_path)
 
 
 @pytest.mark.parametrize("force", [False, True])
