@@ -19,13 +19,13 @@ import torch
 
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
-from ppllm import collectives, ds_compat, launch, reshard, watchdog
+from ppllm import collectives, ds_compat, errors, launch, reshard, watchdog
 from ppllm.config import Config, ConfigError, load_config
 from ppllm.errors import UserError
 from ppllm.feed import count_steps, format_data_stats, format_steps, load_data, load_eval, make_loaders
 from ppllm.log import is_rank0, log0
 from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
-from ppllm.paths import METRICS_FILE, step_of, tag_for
+from ppllm.paths import METRICS_FILE, ds_model_states_file, layer_file, step_of, tag_for
 from ppllm.planner import format_layout, memory_plan, resolve_partition
 
 
@@ -115,7 +115,17 @@ def resume(cfg: Config, engine, loader, rank: int, record: dict) -> int:
     start = 0
     found = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
     if found is not None:
-        how = reshard.plan(os.path.join(*found), record)
+        tag_dir = os.path.join(*found)
+        how = reshard.plan(tag_dir, record)
+        index, count = ckpt.node_place()
+        needed = [] if cfg.run.lora is not None else [
+            os.path.basename(layer_file(tag_dir, i)) for i, _ in engine.module.local_layers()]
+        if how == "same":
+            needed.append(os.path.basename(ds_model_states_file(tag_dir, engine.stage_id)))
+        spent = errors.agree(lambda: ckpt.verify(tag_dir, needed, index, count))  # before anything is opened
+        log0(f"checkpoint {tag_dir}: verified in {spent:.1f} s" + (
+            "" if ckpt.read_manifest(tag_dir) is not None else " (no manifest: written before ppllm recorded one; "
+            "files checked for presence and safe unpickling only)"))
         client = ckpt.load(engine, *found, strict=cfg.run.lora is None, reshard=how == "reshard")
         start = int(client.get("step", 0))
         if client.get("data"):
@@ -295,7 +305,7 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
     print(format_layout(cfg, family, margs, bounds))
     try:
         note = check_resume(cfg)
-    except reshard.ResumeError as e:
+    except UserError as e:  # a topology that cannot reshard, a damaged latest, a missing checkpoint
         print(f"error: {e}")
         return 2
     if note:
