@@ -19,7 +19,7 @@ import torch
 
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
-from ppllm import collectives, ds_compat, errors, launch, reshard, watchdog
+from ppllm import claim, collectives, ds_compat, errors, launch, reshard, watchdog
 from ppllm.config import Config, ConfigError, load_config
 from ppllm.errors import UserError
 from ppllm.feed import count_steps, format_data_stats, format_steps, load_data, load_eval, make_loaders
@@ -245,11 +245,13 @@ def train(cfg: Config, le: launch.LaunchEnv, quiet: bool = False) -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     step = 0
+    dog = held = None
     try:
         device = init_process_group(cfg, le)
         log0(f"launched by {le.launcher}: {le.world_size} processes, rank 0 on {device}")
         dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
         try:
+            held = claim_save_path(cfg)
             run = setup(cfg)
         except UserError:  # every rank agreed on it (ppllm.errors.agree): stop cleanly, main prints it
             watchdog.stop(dog)
@@ -263,14 +265,32 @@ def train(cfg: Config, le: launch.LaunchEnv, quiet: bool = False) -> None:
             pass
         watchdog.stop(dog)
     except Interrupted:
-        if is_rank0():
+        lost = watchdog.lost_ranks_line(dog)  # the launcher's SIGTERM after a peer died: name the peer
+        if held is not None:
+            held.release()
+        if lost:
+            watchdog.say(lost)
+        elif is_rank0():
             print(interrupted_message(cfg.run.save_path, step), flush=True)
         sys.stdout.flush()
         ds_compat.release_shm_buffer()
-        os._exit(130)  # no teardown: peers are stopping too, and a collective now would only hang
+        os._exit(watchdog.EXIT_CODE if lost else 130)  # no teardown: a collective now would only hang
     finally:
+        if held is not None:
+            held.release()
         ds_compat.release_shm_buffer()
     log0(f"done: {run.total} steps; checkpoint in {cfg.run.save_path} (latest: {tag_for(run.total)})")
+
+
+def claim_save_path(cfg: Config) -> claim.Claim | None:
+    """Rank 0 claims save_path for this run (ppllm.claim); every rank learns whether a live run holds it."""
+    import socket
+    run_id = collectives.broadcast_object(f"{socket.gethostname()}-{os.getpid()}-{time.time()}", src=0)
+    held = errors.agree(lambda: claim.Claim(cfg.run.save_path, run_id) if torch.distributed.get_rank() == 0
+                        else None)
+    if held is not None and held.note:
+        log0(held.note)
+    return held
 
 
 def loop(run: Run, quiet: bool):
@@ -314,6 +334,9 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
     problem = device_problem(cfg)
     if problem:
         print(f"note: {problem}; the launch refuses it here")
+    holder = claim.in_use(cfg.run.save_path)
+    if holder:
+        print(f"note: save_path {cfg.run.save_path} is in use by another run: {holder}; a launch now is refused")
     try:
         tok, rows, stats = load_data(cfg, margs.model_type)
         eval_rows, eval_stats = load_eval(cfg, margs.model_type)
