@@ -162,8 +162,13 @@ def is_complete(tag_dir: str) -> bool:
                                                                                           PARTITION_FILE))
 
 
-def _way_out(save_path: str) -> str:
-    tags = complete_tags(save_path)
+def _way_out(save_path: str, damaged: str | None = None) -> str:
+    tags = [t for t in complete_tags(save_path) if t != damaged]
+    if damaged is not None:
+        if not tags:
+            return f"no other complete checkpoint exists in {save_path}"
+        return (f"other complete checkpoints there: {', '.join(tags)}; set resume: "
+                f"{os.path.join(save_path, tags[-1])} to continue from the newest of them")
     if not tags:
         return (f"no complete checkpoint exists in {save_path}: delete the file to start a new run there, "
                 f"or set another save_path")
@@ -301,7 +306,8 @@ def verify(tag_dir: str, needed: list[str], index: int = 0, count: int = 1) -> f
     from ppllm import ds_compat
     t0 = time.monotonic()
     parent = os.path.dirname(tag_dir) or "."
-    fix = f"restore it from a copy, or resume from an earlier checkpoint ({_way_out(parent)})"
+    fix = (f"restore it from a copy, or resume from an earlier checkpoint "
+           f"({_way_out(parent, os.path.basename(tag_dir))})")
     files = read_manifest(tag_dir)
     for name in needed:
         if not os.path.isfile(os.path.join(tag_dir, name)):
