@@ -218,7 +218,7 @@ def _on_signal(signum, frame):
     # already pending when the handler changes to SIG_IGN surfaces as an OSError.)
     signal.signal(signal.SIGINT, _swallow)
     signal.signal(signal.SIGTERM, _swallow)
-    raise Interrupted()
+    raise Interrupted(signum)
 
 
 def _swallow(signum, frame):
@@ -264,8 +264,10 @@ def train(cfg: Config, le: launch.LaunchEnv, quiet: bool = False) -> None:
         for step in loop(run, quiet):
             pass
         watchdog.stop(dog)
-    except Interrupted:
-        lost = watchdog.lost_ranks_line(dog)  # the launcher's SIGTERM after a peer died: name the peer
+    except Interrupted as stop:
+        watchdog.mark_stopping(dog)  # a peer that sees this process gone knows it was stopped, not lost
+        # SIGTERM (not Ctrl-C): maybe the launcher stopping the survivors of a rank that died: name that rank
+        lost = watchdog.lost_ranks_line(dog) if stop.args and stop.args[0] == signal.SIGTERM else None
         if held is not None:
             held.release()
         if lost:

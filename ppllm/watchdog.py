@@ -120,8 +120,19 @@ class Watchdog:
                 continue
             now = _start_time(pid)
             if now is None or (start != "None" and now != start):
+                try:
+                    if self.store.check([f"{PREFIX}stopping/{r}"]):
+                        continue  # it stopped on a signal (Ctrl-C, scancel), like this rank
+                except Exception:  # noqa: BLE001 - no store (rank 0 is gone): judge by the process alone
+                    pass
                 gone.append(r)
         return gone
+
+    def mark_stopping(self) -> None:
+        try:
+            self.store.set(f"{PREFIX}stopping/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
 
     def lost_line(self) -> str | None:
         """Why this rank must stop because of another, when that is known now: a rank on this host whose
@@ -264,6 +275,12 @@ class Watchdog:
 def say(msg: str) -> None:
     """One ``[ppllm watchdog]`` line on stderr."""
     _say(msg)
+
+
+def mark_stopping(dog: "Watchdog | None") -> None:
+    """This rank stops on a signal: peers that find its process gone must not report it as lost."""
+    if dog is not None:
+        dog.mark_stopping()
 
 
 def lost_ranks_line(dog: "Watchdog | None") -> str | None:
