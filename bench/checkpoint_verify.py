@@ -71,12 +71,15 @@ def main() -> None:
               f"({size / save_s:.2f} GiB/s)")
         print("| ranks | manifest at save | s/GiB | vs torch.save | check at resume | s/GiB |")
         print("|---|---|---|---|---|---|")
+        result = []
         for r in a.ranks:
             write_s = timed(_part, tag, r)
             ckpt.merge_manifest(tag, r)
             check_s = timed(_verify, tag, r)
             print(f"| {r} | {write_s:.2f} s | {write_s / size:.2f} | {write_s / save_s:.2f}x | {check_s:.2f} s | "
                   f"{check_s / size:.2f} |")
+            result.append(f"save_s_per_gib_{r}ranks={write_s / size:.3f} resume_s_per_gib_{r}ranks={check_s / size:.3f}")
+        print(f"RESULT torch_save_s_per_gib={save_s / size:.3f} " + " ".join(result))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
