@@ -4,8 +4,10 @@ Layout of ``save_path``::
 
     global_step8/      layer_XX-model_states.pt (weights), mp_rank_XX_model_states.pt
                        (optimizer, scheduler, client state), rng_rank{r}.pt, config and
-                       tokenizer files, ppllm_partition.json
-    latest             names the newest complete checkpoint
+                       tokenizer files, ppllm_partition.json, ppllm_manifest.json (size and
+                       sha256 of every file; written last, checked before a resume opens anything)
+    latest             names the newest complete checkpoint (parsed strictly: see strict_latest)
+    .ppllm-run         the claim of the run that owns the folder (ppllm.claim)
     metrics.jsonl
 
 A save first writes ``.tmp-global_stepN``; after every rank finished, the folder is
