@@ -105,7 +105,8 @@ def save(engine, save_path: str, step: int, client_state: dict, side_files_from:
     collectives.barrier()
     if node_leader:
         _add_side_files(tmp_dir, side_files_from, partition, lora)
-    if index == 0:
+    collectives.barrier()
+    if index == 0:  # one process per node; the side files are in place
         merge_manifest(tmp_dir, count)
     collectives.barrier()
     if node_leader:
