@@ -222,8 +222,7 @@ def read_bf16_state(tag_dir: str, stage: int, data: int, rename) -> tuple[dict, 
     parts: dict[str, dict[str, list]] = {}
     meta = {}
     for d in range(data):
-        sd = torch.load(bf16_optimizer_file(tag_dir, stage, d), map_location="cpu",
-                        weights_only=False)["optimizer_state_dict"]
+        sd = safe_load_or_refuse(bf16_optimizer_file(tag_dir, stage, d))["optimizer_state_dict"]
         base = sd["base_optimizer_state"]
         for g, mapping in enumerate(sd["param_slice_mappings"]):
             flat = {"fp32": sd["single_partition_of_fp32_groups"][g]}
@@ -304,3 +303,66 @@ def release_shm_buffer() -> None:
         os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
     except OSError:
         pass  # no buffer (GPU run, one process) or already gone
+
+
+# --- loading DeepSpeed's checkpoint files without running code (issue 22) -------------------------
+# DeepSpeed loads its own files (mp_rank_XX_model_states.pt, *optim_states.pt, the bf16/ZeRO-1
+# partitions) with torch.load(weights_only=False): a crafted pickle in one of them runs at resume.
+# Every read of those files goes through safe_load: torch's restricted unpickler (weights_only=True)
+# with the few DeepSpeed classes its states hold as the only non-torch globals.
+
+class UnsafeCheckpoint(Exception):
+    """A checkpoint file that does not pass the restricted unpickler (or cannot be read at all)."""
+
+
+def ds_safe_globals() -> list:
+    """The non-torch globals DeepSpeed's model, optimizer and ZeRO/bf16 states legitimately hold:
+    plain data classes, constructed without running code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def safe_load(path: str, map_location="cpu", mmap: bool = False):
+    """torch.load with weights_only=True and DeepSpeed's safe globals; UnsafeCheckpoint (one line,
+    naming what the file wanted to run, or why it is unreadable) on any failure."""
+    try:
+        with torch.serialization.safe_globals(ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a crafted or damaged file
+        text = " ".join(str(e).split())
+        if "Weights only load failed" in text:
+            import re
+            what = re.search(r"GLOBAL ([\w.]+)", text)
+            raise UnsafeCheckpoint(f"it holds a pickled reference to {what.group(1) if what else 'a global'} "
+                                   f"that only code execution could rebuild") from None
+        raise UnsafeCheckpoint(f"not a readable checkpoint file (truncated or corrupt: {text[:160]})") from None
+
+
+class _SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine with ``load`` through :func:`safe_load`; everything else unchanged."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def load(self, path, map_location=None):
+        return safe_load_or_refuse(path, map_location=map_location)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def safe_load_or_refuse(path: str, map_location="cpu"):
+    """:func:`safe_load`, a failure as ppllm's one-line UserError naming the file."""
+    try:
+        return safe_load(path, map_location=map_location)
+    except UnsafeCheckpoint as e:
+        from ppllm.errors import UserError
+        raise UserError(f"{path}: refused: {e}; restore it, or resume from another checkpoint") from None
+
+
+def load_safely(engine) -> None:
+    """Make every checkpoint file this engine reads go through the restricted unpickler."""
+    if not isinstance(engine.checkpoint_engine, _SafeCheckpointEngine):
+        engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)

@@ -32,6 +32,7 @@ META_FILE = "ppllm.json"
 PARTITION_FILE = "ppllm_partition.json"
 LORA_META_FILE = "ppllm_lora.json"
 LATEST_FILE = "latest"
+MANIFEST_FILE = "ppllm_manifest.json"  # size and sha256 of every file of a checkpoint tag, written at save
 METRICS_FILE = "metrics.jsonl"
 TMP_PREFIX = ".tmp-"
 TAG_RE = re.compile(r"global_step(\d+)")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 
 from ppllm import ds_compat
 from ppllm.errors import UserError
@@ -145,7 +144,7 @@ def load_resharded(engine, tag_dir: str, model_path_loaded: bool = True) -> dict
     lr = None
     first = None
     for s in range(old_stages):
-        sd = torch.load(ds_model_states_file(tag_dir, s), map_location="cpu", weights_only=False)
+        sd = ds_compat.safe_load_or_refuse(ds_model_states_file(tag_dir, s))
         with open(param_index_file(tag_dir, s)) as f:
             order = json.load(f)
         opt = sd["optimizer"]
@@ -182,7 +181,7 @@ def _load_resharded_bf16(engine, tag_dir: str, record: dict) -> dict:
             by_name.setdefault(name, values)  # a tied copy: the owner's stage comes first
         meta = meta or m
     ds_compat.load_bf16_state(engine, by_name, meta, param_names(module))
-    first = torch.load(ds_model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)
+    first = ds_compat.safe_load_or_refuse(ds_model_states_file(tag_dir, 0))
     if engine.lr_scheduler is not None and first.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(first["lr_scheduler"])
     ds_compat.restore_counters(engine, first)

@@ -19,13 +19,13 @@ import torch
 
 from ppllm import checkpoint as ckpt
 from ppllm import engine as eng
-from ppllm import collectives, ds_compat, launch, reshard, watchdog
+from ppllm import claim, collectives, ds_compat, errors, launch, reshard, watchdog
 from ppllm.config import Config, ConfigError, load_config
 from ppllm.errors import UserError
 from ppllm.feed import count_steps, format_data_stats, format_steps, load_data, load_eval, make_loaders
 from ppllm.log import is_rank0, log0
 from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
-from ppllm.paths import METRICS_FILE, step_of, tag_for
+from ppllm.paths import METRICS_FILE, ds_model_states_file, layer_file, step_of, tag_for
 from ppllm.planner import format_layout, memory_plan, resolve_partition
 
 
@@ -115,7 +115,17 @@ def resume(cfg: Config, engine, loader, rank: int, record: dict) -> int:
     start = 0
     found = ckpt.resolve_resume(cfg.run.resume, cfg.run.save_path)
     if found is not None:
-        how = reshard.plan(os.path.join(*found), record)
+        tag_dir = os.path.join(*found)
+        how = reshard.plan(tag_dir, record)
+        index, count = ckpt.node_place()
+        needed = [] if cfg.run.lora is not None else [
+            os.path.basename(layer_file(tag_dir, i)) for i, _ in engine.module.local_layers()]
+        if how == "same":
+            needed.append(os.path.basename(ds_model_states_file(tag_dir, engine.stage_id)))
+        spent = errors.agree(lambda: ckpt.verify(tag_dir, needed, index, count))  # before anything is opened
+        log0(f"checkpoint {tag_dir}: verified in {spent:.1f} s" + (
+            "" if ckpt.read_manifest(tag_dir) is not None else " (no manifest: written before ppllm recorded one; "
+            "files checked for presence and safe unpickling only)"))
         client = ckpt.load(engine, *found, strict=cfg.run.lora is None, reshard=how == "reshard")
         start = int(client.get("step", 0))
         if client.get("data"):
@@ -208,7 +218,7 @@ def _on_signal(signum, frame):
     # already pending when the handler changes to SIG_IGN surfaces as an OSError.)
     signal.signal(signal.SIGINT, _swallow)
     signal.signal(signal.SIGTERM, _swallow)
-    raise Interrupted()
+    raise Interrupted(signum)
 
 
 def _swallow(signum, frame):
@@ -235,11 +245,13 @@ def train(cfg: Config, le: launch.LaunchEnv, quiet: bool = False) -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     step = 0
+    dog = held = None
     try:
         device = init_process_group(cfg, le)
         log0(f"launched by {le.launcher}: {le.world_size} processes, rank 0 on {device}")
         dog = watchdog.start(cfg.run.watchdog_timeout)  # a lost rank stops every rank, naming it
         try:
+            held = claim_save_path(cfg)
             run = setup(cfg)
         except UserError:  # every rank agreed on it (ppllm.errors.agree): stop cleanly, main prints it
             watchdog.stop(dog)
@@ -252,15 +264,35 @@ def train(cfg: Config, le: launch.LaunchEnv, quiet: bool = False) -> None:
         for step in loop(run, quiet):
             pass
         watchdog.stop(dog)
-    except Interrupted:
-        if is_rank0():
+    except Interrupted as stop:
+        watchdog.mark_stopping(dog)  # a peer that sees this process gone knows it was stopped, not lost
+        # SIGTERM (not Ctrl-C): maybe the launcher stopping the survivors of a rank that died: name that rank
+        lost = watchdog.lost_ranks_line(dog) if stop.args and stop.args[0] == signal.SIGTERM else None
+        if held is not None:
+            held.release()
+        if lost:
+            watchdog.say(lost)
+        elif is_rank0():
             print(interrupted_message(cfg.run.save_path, step), flush=True)
         sys.stdout.flush()
         ds_compat.release_shm_buffer()
-        os._exit(130)  # no teardown: peers are stopping too, and a collective now would only hang
+        os._exit(watchdog.EXIT_CODE if lost else 130)  # no teardown: a collective now would only hang
     finally:
+        if held is not None:
+            held.release()
         ds_compat.release_shm_buffer()
     log0(f"done: {run.total} steps; checkpoint in {cfg.run.save_path} (latest: {tag_for(run.total)})")
+
+
+def claim_save_path(cfg: Config) -> claim.Claim | None:
+    """Rank 0 claims save_path for this run (ppllm.claim); every rank learns whether a live run holds it."""
+    import socket
+    run_id = collectives.broadcast_object(f"{socket.gethostname()}-{os.getpid()}-{time.time()}", src=0)
+    held = errors.agree(lambda: claim.Claim(cfg.run.save_path, run_id) if torch.distributed.get_rank() == 0
+                        else None)
+    if held is not None and held.note:
+        log0(held.note)
+    return held
 
 
 def loop(run: Run, quiet: bool):
@@ -295,7 +327,7 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
     print(format_layout(cfg, family, margs, bounds))
     try:
         note = check_resume(cfg)
-    except reshard.ResumeError as e:
+    except UserError as e:  # a topology that cannot reshard, a damaged latest, a missing checkpoint
         print(f"error: {e}")
         return 2
     if note:
@@ -304,6 +336,9 @@ def dry_run(cfg: Config, show_samples: int = 0) -> int:
     problem = device_problem(cfg)
     if problem:
         print(f"note: {problem}; the launch refuses it here")
+    holder = claim.in_use(cfg.run.save_path)
+    if holder:
+        print(f"note: save_path {cfg.run.save_path} is in use by another run: {holder}; a launch now is refused")
     try:
         tok, rows, stats = load_data(cfg, margs.model_type)
         eval_rows, eval_stats = load_eval(cfg, margs.model_type)

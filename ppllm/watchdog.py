@@ -30,6 +30,8 @@ import threading
 import time
 from datetime import timedelta
 
+from ppllm.claim import process_start as _start_time
+
 EXIT_CODE = 17
 PREFIX = "ppllm_watchdog/"
 
@@ -61,8 +63,10 @@ class Watchdog:
                                    timeout=timedelta(seconds=max(5.0, 3 * self.interval)), wait_for_workers=False)
         self.me = describe_self()
         self.store.set(f"{PREFIX}who/{rank}", self.me)
+        self.store.set(f"{PREFIX}proc/{rank}", f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}")
         self.store.set(f"{PREFIX}hb/{rank}", "0")
         self._who: dict[int, str] = {}
+        self._procs: dict[int, tuple[str, int, str]] = {}
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._exiting = False
@@ -72,6 +76,10 @@ class Watchdog:
             keys = [f"{PREFIX}who/{r}" for r in range(world)]
             self.store.wait(keys, timedelta(seconds=max(self.timeout, 5.0)))
             self._who = {r: v.decode() for r, v in enumerate(self.store.multi_get(keys))}
+            procs = self.store.multi_get([f"{PREFIX}proc/{r}" for r in range(world)])
+            for r, v in enumerate(procs):
+                host, pid, start = v.decode().split(" ")
+                self._procs[r] = (host, int(pid), start)
         except Exception:  # noqa: BLE001 - a rank missing here is reported by the thread
             pass
         self._thread = threading.Thread(target=self._run, name="ppllm-watchdog", daemon=True)
@@ -103,10 +111,56 @@ class Watchdog:
             time.sleep(3 * self.interval)  # rank 0 hosts the store: let the others read the report
         os._exit(EXIT_CODE)
 
+    def gone_local_ranks(self) -> list[int]:
+        """Ranks on this host whose process no longer exists (instant, needs no store: rank 0 may be the one)."""
+        host = socket.gethostname()
+        gone = []
+        for r, (h, pid, start) in sorted(self._procs.items()):
+            if r == self.rank or h != host:
+                continue
+            now = _start_time(pid)
+            if now is None or (start != "None" and now != start):
+                try:
+                    if self.store.check([f"{PREFIX}stopping/{r}"]):
+                        continue  # it stopped on a signal (Ctrl-C, scancel), like this rank
+                except Exception:  # noqa: BLE001 - no store (rank 0 is gone): judge by the process alone
+                    pass
+                gone.append(r)
+        return gone
+
+    def mark_stopping(self) -> None:
+        try:
+            self.store.set(f"{PREFIX}stopping/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+    def lost_line(self) -> str | None:
+        """Why this rank must stop because of another, when that is known now: a rank on this host whose
+        process is gone, or a report another rank published."""
+        gone = self.gone_local_ranks()
+        if gone:
+            return (f"rank {self.rank} ({self.me}) stopping: lost rank {gone[0]} ({self.who(gone[0])}): its process "
+                    f"is gone (killed or crashed)" + (f"; also gone: ranks {gone[1:]}" if gone[1:] else ""))
+        try:
+            if self.store.check([f"{PREFIX}failed"]):
+                return f"rank {self.rank} ({self.me}) stopping: {self.store.get(f'{PREFIX}failed').decode()}"
+        except Exception:  # noqa: BLE001 - the store is gone: so is rank 0
+            return f"rank {self.rank} ({self.me}) stopping: {self._store_lost(RuntimeError('no answer'))}"
+        return None
+
     def _excepthook(self, etype, value, tb):
-        self._prev_hook(etype, value, tb)
+        import signal
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the launcher's SIGTERM must not cut this report short
+            signal.signal(sig, lambda *_: None)
         if self._stopped.is_set() or etype is SystemExit:
+            self._prev_hook(etype, value, tb)
             return
+        if _peer_error(value):
+            gone = self.gone_local_ranks()
+            if gone:  # the peer's process is gone: one line naming it, no collective traceback
+                self._exit(f"lost rank {gone[0]} ({self.who(gone[0])}): its process is gone (killed or crashed)"
+                           + (f"; also gone: ranks {gone[1:]}" if gone[1:] else ""), report=True)
+        self._prev_hook(etype, value, tb)
         text = f"{etype.__name__}: {value}".strip()
         if len(text) > 600:
             text = text[:600] + " ..."
@@ -216,6 +270,28 @@ class Watchdog:
                     time.sleep(0.2)
         except Exception:  # noqa: BLE001 - nothing left to protect
             pass
+
+
+def say(msg: str) -> None:
+    """One ``[ppllm watchdog]`` line on stderr."""
+    _say(msg)
+
+
+def mark_stopping(dog: "Watchdog | None") -> None:
+    """This rank stops on a signal: peers that find its process gone must not report it as lost."""
+    if dog is not None:
+        dog.mark_stopping()
+
+
+def lost_ranks_line(dog: "Watchdog | None") -> str | None:
+    """For a rank stopped by a signal (the launcher's SIGTERM after one of its ranks died): the line naming
+    the rank that was lost, when one is, else None."""
+    if dog is None:
+        return None
+    try:
+        return dog.lost_line()
+    except Exception:  # noqa: BLE001 - a courtesy on the way out
+        return None
 
 
 def _peer_error(e: BaseException) -> bool:

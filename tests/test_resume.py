@@ -84,6 +84,7 @@ def test_partial_save_is_ignored(tmp_path):
     from ppllm.paths import read_latest, write_atomic as _write_atomic
     save = tmp_path / "run"
     (save / "global_step4").mkdir(parents=True)
+    (save / "global_step4" / "ppllm_manifest.json").write_text('{"version": 1, "files": {}}')  # a finished save
     _write_atomic(str(save / "latest"), "global_step4")
     (save / ".tmp-global_step5").mkdir()  # a save that was killed half way
     (save / ".tmp-global_step5" / "layer_00-model_states.pt").write_bytes(b"truncated")
