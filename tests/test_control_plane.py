@@ -115,6 +115,10 @@ def _worker(rank, world, port, out_dir, standin):
         nccl_standin.uninstall()
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(result, f)
+    # Leave together: a rank tearing gloo down while its peer still talks to it (rank 0 also
+    # serves the rendezvous store) can abort the process ("terminate called without an active
+    # exception"), seen once under CI load.
+    dist.barrier()
     dist.destroy_process_group()
 
 
