@@ -217,28 +217,40 @@ def doc_causal_mask(doc_ids_BS: torch.Tensor, window: int | None = None) -> torc
 
 
 class _PerBatch:
-    """One value per micro-batch, keyed by the identity of an input tensor: every layer of a stage
-    sees the same position/doc tensor objects, so identity is a safe test (holding the key keeps
-    its memory alive, so the id cannot be reused while cached)."""
+    """One value per micro-batch, shared by the layers of a stage and surviving their checkpoint
+    recompute. The key is a tensor's storage (data pointer, version counter, shape, device), not its
+    identity: DeepSpeed's non-reentrant checkpoint detaches the layer inputs before recomputing, which
+    makes new tensor objects over the same storage. The last few micro-batches are kept (1F1B
+    recomputes micro-batch m after later ones ran forward); holding their key tensors keeps that
+    memory alive, so an address cannot be reused by another micro-batch while it is cached."""
 
-    def __init__(self, build):
+    def __init__(self, build, keep: int = 4):
         self._build = build
-        self._key: tuple | None = None
-        self._value = None
+        self._keep = keep
+        self._entries: list[tuple[tuple, tuple, object]] = []  # (fingerprint, held key tensors, value)
 
     def get(self, *key):
-        if self._key is None or len(self._key) != len(key) or not all(map(_same, self._key, key)):
-            self._value = self._build(*key)
-            self._key = key
-        return self._value
+        fp = tuple(_fingerprint(k) for k in key)
+        for i, (f, _, value) in enumerate(self._entries):
+            if f == fp:
+                if i:
+                    self._entries.insert(0, self._entries.pop(i))
+                return value
+        value = self._build(*key)
+        self._entries.insert(0, (fp, tuple(k for k in key if isinstance(k, torch.Tensor)), value))
+        del self._entries[self._keep:]
+        return value
 
 
-def _same(a, b) -> bool:
-    return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
+def _fingerprint(x):
+    if isinstance(x, torch.Tensor):
+        return ("t", x.data_ptr(), x._version, tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
+    return ("v", x)
 
 
 def _cu_seqlens(doc_ids_BS: torch.Tensor):
-    """cu_seqlens and the longest segment of a packed batch, for flash-attn's varlen kernels."""
+    """cu_seqlens and the longest segment of a packed batch, for flash-attn's varlen kernels (their
+    argument list has one entry per segment: one host read per micro-batch, cached for the stage)."""
     B, S = doc_ids_BS.shape
     # a new segment starts at every row start and every change of doc id
     flat = (doc_ids_BS + (torch.arange(B, device=doc_ids_BS.device) * (S + 2))[:, None]).flatten()
@@ -249,29 +261,43 @@ def _cu_seqlens(doc_ids_BS: torch.Tensor):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def attention_backend(use_flash_attn: bool) -> tuple[str, str]:
-    """('flash' or 'sdpa', a notice): flash-attn 2 when asked for, installed and on CUDA."""
+#: what each backend is, for the start-up notice and the dry run
+BACKEND_TEXT = {
+    "blockwise": "blockwise (ppllm's online-softmax kernel in torch: memory linear in S, documents, window, ALiBi "
+                 "and grouped kv heads masked per block)",
+    "dense": "dense (SDPA under a [B,1,S,S] document mask: memory grows with S^2)",
+    "flash": "flash-attn 2 (varlen kernels for packed rows; bloom through alibi_slopes)",
+}
+BACKENDS = tuple(BACKEND_TEXT)
+
+
+def attention_backend(use_flash_attn: bool, fallback: str = "blockwise") -> tuple[str, str]:
+    """(backend, a notice): flash-attn 2 when asked for, installed and on CUDA, else ``fallback``
+    ('blockwise' or 'dense'). On a CUDA device in fp32 the flash path still runs ``fallback``
+    (flash-attn has no fp32 kernels), layer by layer: see :meth:`StageContext.attention`."""
+    if fallback not in ("blockwise", "dense"):
+        raise ValueError(f"attention {fallback!r}: use 'blockwise' or 'dense'")
     if not use_flash_attn:
-        return "sdpa", "attention: SDPA"
+        return fallback, f"attention: {BACKEND_TEXT[fallback]}"
     import importlib.util
     if not torch.cuda.is_available():
         why = "no CUDA device"
     elif importlib.util.find_spec("flash_attn") is None:
         why = "flash-attn is not installed (pip install -r requirements-gpu.txt)"
     else:
-        return "flash", "attention: flash-attn 2 (varlen kernels for packed rows)"
-    return "sdpa", f"use_flash_attn: {why}; falling back to SDPA"
+        return "flash", f"attention: {BACKEND_TEXT['flash']}"
+    return fallback, f"use_flash_attn: {why}; attention: {BACKEND_TEXT[fallback]}"
 
 
 class StageContext:
     """What the layers built by one ``Family.build_specs`` call share: the attention backend and
     the per-micro-batch caches (document mask, flash-attn cu_seqlens, and family extras such as
-    RoPE tables and ALiBi biases through :meth:`memo`). Each layer gets it as a constructor
-    argument; nothing is kept in module globals."""
+    RoPE tables through :meth:`memo`). Each layer gets it as a constructor argument; nothing is
+    kept in module globals."""
 
-    def __init__(self, backend: str = "sdpa"):
-        if backend not in ("sdpa", "flash"):
-            raise ValueError(f"attention backend {backend!r}: use 'sdpa' or 'flash'")
+    def __init__(self, backend: str = "blockwise"):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.backend = backend
         self._masks = _PerBatch(doc_causal_mask)
         self._seqlens = _PerBatch(_cu_seqlens)
@@ -290,24 +316,34 @@ class StageContext:
         return self._seqlens.get(doc_ids_BS)
 
     def attention(self, q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, doc_ids_BS: torch.Tensor,
-                  window: int | None = None, bias_BNSS: torch.Tensor | None = None,
-                  softmax_fp32: bool = False) -> torch.Tensor:
-        """Causal, document-masked attention. Returns [B,S,N*D]."""
-        if (self.backend == "flash" and bias_BNSS is None and not softmax_fp32 and q_BNSD.is_cuda
-                and q_BNSD.dtype in (torch.float16, torch.bfloat16)):
-            return _flash_attention(q_BNSD, k_BKSD, v_BKSD, self.cu_seqlens(doc_ids_BS), window)
-        return sdpa_attention(q_BNSD, k_BKSD, v_BKSD, self.mask(doc_ids_BS, window), bias_BNSS, softmax_fp32)
+                  window: int | None = None, alibi_slopes_N: torch.Tensor | None = None,
+                  pos_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal, document-masked attention (ALiBi: ``alibi_slopes_N`` and the positions that restart
+        per document; the softmax is in fp32 on every backend). Returns [B,S,N*D]."""
+        from .attention import blockwise_attention
+        if (self.backend == "flash" and q_BNSD.is_cuda and q_BNSD.dtype in (torch.float16, torch.bfloat16)):
+            return _flash_attention(q_BNSD, k_BKSD, v_BKSD, self.cu_seqlens(doc_ids_BS), window, alibi_slopes_N)
+        if self.backend == "dense":
+            bias = None
+            if alibi_slopes_N is not None:
+                bias = alibi_slopes_N.float().to(pos_BS.device)[None, :, None, None] * pos_BS[:, None, None, :].float()
+            return sdpa_attention(q_BNSD, k_BKSD, v_BKSD, self.mask(doc_ids_BS, window), bias,
+                                  softmax_fp32=alibi_slopes_N is not None)
+        return blockwise_attention(q_BNSD, k_BKSD, v_BKSD, doc_ids_BS, window, alibi_slopes_N, pos_BS)
 
 
-def _flash_attention(q_BNSD, k_BKSD, v_BKSD, cu_seqlens, window):
+def _flash_attention(q_BNSD, k_BKSD, v_BKSD, cu_seqlens, window, alibi_slopes_N=None):
+    """flash-attn's ALiBi bias is ``-slope * (i - j)``, bloom's ``slope * (position of j in its document)``:
+    within a document they differ by ``slope * (position of i)``, constant along a softmax row."""
     from flash_attn import flash_attn_varlen_func
     B, N, S, D = q_BNSD.shape
     cu, max_len = cu_seqlens
     q = q_BNSD.transpose(1, 2).reshape(B * S, N, D)
     k = k_BKSD.transpose(1, 2).reshape(B * S, k_BKSD.shape[1], D)
     v = v_BKSD.transpose(1, 2).reshape(B * S, v_BKSD.shape[1], D)
+    kw = {} if alibi_slopes_N is None else {"alibi_slopes": alibi_slopes_N.float().to(q.device)}
     out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True,
-                                 window_size=(window - 1, 0) if window else (-1, -1))
+                                 window_size=(window - 1, 0) if window else (-1, -1), **kw)
     return out.reshape(B, S, N * D)
 
 

@@ -133,7 +133,7 @@ def lr_lambda(sched, total_steps: int):
 
 def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
                  grad_ckpt: bool, model_path: str | None, no_decay: list[str] | None = None,
-                 lr_scheduler=None, lora=None, attention: str = "sdpa"):
+                 lr_scheduler=None, lora=None, attention: str = "blockwise"):
     """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed.
     Returns (engine, loss_fn, topology)."""
     import deepspeed
