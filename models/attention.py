@@ -159,7 +159,8 @@ def blockwise_attention(q_BNSD, k_BKSD, v_BKSD, doc_BS, window: int | None = Non
                                 pos_BS if alibi_slopes_N is not None else None, window, block)
 
 
-def block_scores_bytes(batch: int, heads: int, block: int = BLOCK) -> int:
-    """The blockwise kernel's largest temporaries: a block of fp32 scores, its probabilities and dP
-    (backward), independent of S."""
-    return 3 * 4 * batch * heads * block * block
+def block_scores_bytes(batch: int, heads: int, seq_len: int, block: int = BLOCK) -> int:
+    """The blockwise kernel's largest temporaries, freed after each block pair: a block of fp32
+    scores/probabilities, dP, and the block's masks and running sums; independent of S beyond one block."""
+    b = min(block, seq_len)
+    return 3 * 4 * batch * heads * b * b

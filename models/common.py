@@ -394,8 +394,17 @@ class HeadOutput(NamedTuple):
         return F.linear(self.hidden, self.weight)
 
 
-#: fp32 bytes of one chunk's logits; the loss works on ~this many bytes of [tokens, V] at a time
+#: fp32 bytes of one chunk's logits; the loss works on ~this many bytes of [tokens, V] at a time. On CPU
+#: 32 MiB (cache-friendly); on a GPU ~1 GiB, where a 32 MiB chunk is a launch-bound 0.1 ms matmul
 LOSS_CHUNK_BYTES = 32 << 20
+GPU_LOSS_CHUNK_BYTES = 1 << 30
+
+
+def default_loss_chunk_bytes(device_type: str, mb: int | None = None) -> int:
+    """``loss_chunk_mb`` when set, else the device's default."""
+    if mb is not None:
+        return int(mb) << 20
+    return LOSS_CHUNK_BYTES if device_type == "cpu" else GPU_LOSS_CHUNK_BYTES
 
 
 def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:

@@ -133,7 +133,7 @@ def lr_lambda(sched, total_steps: int):
 
 def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
                  grad_ckpt: bool, model_path: str | None, no_decay: list[str] | None = None,
-                 lr_scheduler=None, lora=None, attention: str = "blockwise"):
+                 lr_scheduler=None, lora=None, attention: str = "blockwise", loss_chunk_bytes: int | None = None):
     """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed.
     Returns (engine, loss_fn, topology)."""
     import deepspeed
@@ -142,6 +142,8 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
     from ppllm.pipeline import PipeModel
     topo = ds_compat.topology(pipe, data)
     loss_fn = family.loss_fn(margs)
+    if loss_chunk_bytes is not None:
+        loss_fn.chunk_bytes = loss_chunk_bytes
     model = PipeModel(family.build_specs(margs, attention), bounds=bounds, topology=topo, loss_fn=loss_fn,
                       seed_layers=True, base_seed=seed,
                       activation_checkpoint_interval=1 if grad_ckpt else 0,
