@@ -15,6 +15,7 @@ a :class:`HeadOutput` for the loss instead of logits.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -573,12 +574,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 def split_labels(labels):
-    """``labels`` | ``(labels, norm)`` | ``(labels, norm, next_token_mask)`` -> the three (None where absent).
-    ``norm`` is float64 ``[1]`` (the CE scale) or ``[2]`` (CE scale, z-loss scale), attached by
-    ``ppllm.engine.with_normaliser``."""
+    """``labels`` | ``(labels, next_token_mask)`` -> the two (None where absent)."""
     if isinstance(labels, (tuple, list)):
-        return labels[0], labels[1], (labels[2] if len(labels) > 2 else None)
-    return labels, None, None
+        return labels[0], (labels[1] if len(labels) > 1 else None)
+    return labels, None
+
+
+def _fp32(x: float) -> float:
+    """x rounded to fp32, as a Python float (the scale the fp32 loss multiplies by)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 class TokenLoss:
@@ -586,15 +590,15 @@ class TokenLoss:
     baichuan2's optional z-loss ``z_loss_weight * mean(max(logits)^2)``.
 
     Labels are already shifted by the data pipeline (``labels[t]`` is the target for
-    position ``t``; -100 is ignored). The labels may come as ``(labels, norm[, mask])`` where
-    ``norm[0] = grad_accum * dp / trained_tokens_in_step`` is attached by
-    ``ppllm.engine.train_step`` so the engine's per-micro-batch averaging turns into a
-    token-weighted mean over the whole optimizer step. Plain labels give the micro-batch
-    token mean.
+    position ``t``; -100 is ignored); they may come as ``(labels, next_token_mask)``.
+    ``normaliser = (scale, z_scale)``, Python floats set once per optimizer step by
+    ``ppllm.engine.with_normaliser`` with ``scale = grad_accum * dp / trained_tokens_in_step``, turns
+    the engine's per-micro-batch averaging into a token-weighted mean over the whole step. Without
+    one, the loss is the micro-batch's token mean (one host read, outside the pipeline).
 
     The z-loss is averaged, as in the original, over every position that predicts a next
-    token, trained or not: with ``norm[1] = grad_accum * dp / such positions in the step`` and
-    ``mask`` = :func:`next_token_mask` of the row's doc ids; with plain labels, every position
+    token, trained or not: with ``z_scale = grad_accum * dp / such positions in the step`` and
+    the mask = :func:`next_token_mask` of the row's doc ids; with plain labels, every position
     but the last of each row (one document per row).
 
     ``outputs`` is a :class:`HeadOutput` (chunked, the pipeline's path) or logits (unchunked).
@@ -603,32 +607,34 @@ class TokenLoss:
     def __init__(self, z_loss_weight: float = 0.0, chunk_bytes: int = LOSS_CHUNK_BYTES):
         self.z_loss_weight = z_loss_weight
         self.chunk_bytes = chunk_bytes
+        self.normaliser: tuple[float, float | None] | None = None
         self.__name__ = "TokenLoss"
 
     @property
     def needs_next_token_mask(self) -> bool:
         return bool(self.z_loss_weight)
 
-    def _scales(self, labels_BS, norm, zmask_BS):
+    def _scales(self, labels_BS, zmask_BS):
         """(CE scale, z-loss coefficient, z mask or None) as fp32-rounded Python floats."""
+        norm = self.normaliser
         if norm is None:
             ce = 1.0 / max(1, int((labels_BS != -100).sum()))
         else:
-            ce = float(norm.reshape(-1)[0].float())
+            ce = _fp32(norm[0])
         if not self.z_loss_weight:
             return ce, 0.0, None
         if zmask_BS is None:
             zmask_BS = torch.ones_like(labels_BS, dtype=torch.bool)
             zmask_BS[:, -1] = False
-        if norm is None or norm.numel() < 2:
+        if norm is None or norm[1] is None:
             zs = 1.0 / max(1, int(zmask_BS.sum()))
         else:
-            zs = float(norm.reshape(-1)[1].float())
-        return ce, float(torch.tensor(self.z_loss_weight * zs, dtype=torch.float32)), zmask_BS.to(labels_BS.device)
+            zs = _fp32(norm[1])
+        return ce, _fp32(self.z_loss_weight * zs), zmask_BS.to(labels_BS.device)
 
     def __call__(self, outputs, labels) -> torch.Tensor:
-        labels_BS, norm, zmask_BS = split_labels(labels)
-        ce_scale, z_coef, zmask_BS = self._scales(labels_BS, norm, zmask_BS)
+        labels_BS, zmask_BS = split_labels(labels)
+        ce_scale, z_coef, zmask_BS = self._scales(labels_BS, zmask_BS)
         labels_N = labels_BS.reshape(-1)
         zmask_N = zmask_BS.reshape(-1) if zmask_BS is not None else None
         if isinstance(outputs, HeadOutput):

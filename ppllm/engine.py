@@ -207,17 +207,19 @@ def _client_optimizer(ds_cfg: dict, groups: list[dict]):
     return ds_cfg, DeepSpeedCPULion(groups, **opt.get("params", {}))
 
 
-def with_normaliser(batches: list | None, scale: float, z_scale: float | None = None) -> list | None:
-    """Attach the step's loss normaliser to every micro-batch's labels: ``(labels, scale)``, or for
-    a z-loss ``(labels, [scale, z_scale], next_token_mask)``. The loss function reads it from there
-    (see models.common.TokenLoss)."""
+def with_normaliser(batches: list | None, scale: float, z_scale: float | None = None, loss_fns=()) -> list | None:
+    """Give the step's loss normaliser to the loss functions as Python floats (``TokenLoss.normaliser``;
+    every micro-batch of a step shares it), so nothing travels to the device and back per micro-batch.
+    Returns the micro-batches, with ``(labels, next_token_mask)`` as labels for a z-loss (a per-token
+    tensor the last stage needs, computed from the doc ids of the first)."""
+    for fn in loss_fns:
+        if fn is not None and hasattr(fn, "normaliser"):
+            fn.normaliser = (scale, z_scale)
     if batches is None:
         return None
     if z_scale is None:
-        s = torch.tensor([scale], dtype=torch.float64)
-        return [(inputs, (labels, s)) for inputs, labels in batches]
-    s = torch.tensor([scale, z_scale], dtype=torch.float64)
-    return [(inputs, (labels, s, next_token_mask(inputs[2]))) for inputs, labels in batches]
+        return list(batches)
+    return [(inputs, (labels, next_token_mask(inputs[2]))) for inputs, labels in batches]
 
 
 def _wants_z_mask(engine) -> bool:
@@ -250,7 +252,7 @@ def normalised(engine, batches: list | None) -> list | None:
         z_scale = factor / max(1.0, positions) if wants_z else None
     elif wants_z:
         z_scale = 0.0
-    return with_normaliser(batches, scale, z_scale)
+    return with_normaliser(batches, scale, z_scale, [getattr(engine.module, "loss_fn", None)])
 
 
 def train_step(engine, batches: list | None) -> float:
