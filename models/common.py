@@ -506,11 +506,13 @@ def _grads_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, vchunk, lse
     for v0 in range(0, V, vchunk):
         v1 = min(V, v0 + vchunk)
         g = F.linear(h_NH, w_VH[v0:v1]).float().sub_(lse[:, None]).exp_().mul_(row[:, None])
-        inside = (valid & (labels_N >= v0) & (labels_N < v1)).nonzero().squeeze(1)
-        g.index_put_((inside, labels_N[inside] - v0), -row[inside], accumulate=True)
+        # every token adds to one column of the chunk: -row at its label, or an exact 0 at column 0
+        # when its label lies elsewhere (a scatter of fixed shape: no nonzero, no host read)
+        inside = valid & (labels_N >= v0) & (labels_N < v1)
+        g.scatter_add_(1, torch.where(inside, labels_N - v0, 0)[:, None], torch.where(inside, -row, 0.0)[:, None])
         if zg is not None:
-            zin = (zmask_N & (zarg >= v0) & (zarg < v1)).nonzero().squeeze(1)
-            g.index_put_((zin, zarg[zin] - v0), zg[zin], accumulate=True)
+            zin = zmask_N & (zarg >= v0) & (zarg < v1)
+            g.scatter_add_(1, torch.where(zin, zarg - v0, 0)[:, None], torch.where(zin, zg, 0.0)[:, None])
         g = g.to(h_NH.dtype)
         if want_w:
             gw[v0:v1] = g.t() @ h_NH
