@@ -48,12 +48,13 @@ def _key_blocks(i0, i1, block, window):
     return range((lo // block) * block, i1, block)
 
 
-def _scores(q_blk, k_BKSD, doc_BS, slopes_KG, kpos_BS, i0, i1, j0, j1, window, scale):
-    """Masked scores [B, K, G, bq, bk] in fp32 of one block pair; q_blk is [B, K, G*bq, D] fp32."""
+def _scores(q_blk, k_BKSD, doc_BS, slopes_KG, kpos_BS, i0, i1, j0, j1, window):
+    """Masked scores [B, K, G, bq, bk] in fp32 of one block pair; q_blk is [B, K, G*bq, D] fp32,
+    already multiplied by 1/sqrt(D)."""
     B, K = q_blk.shape[:2]
     cdt = q_blk.dtype
     k = k_BKSD[:, :, j0:j1].to(cdt)
-    s = torch.matmul(q_blk, k.transpose(-1, -2)).mul_(scale)
+    s = torch.matmul(q_blk, k.transpose(-1, -2))
     s = s.view(B, K, -1, i1 - i0, j1 - j0)
     if slopes_KG is not None:  # ALiBi: slope times the key's position in its document
         s.add_(slopes_KG[None, :, :, None, None] * kpos_BS[:, None, None, None, j0:j1].to(cdt))
@@ -83,13 +84,13 @@ class BlockAttention(torch.autograd.Function):
         for i0 in range(0, S, block):
             i1 = min(S, i0 + block)
             bq = i1 - i0
-            q_blk = qg[:, :, :, i0:i1].to(cdt).reshape(B, K, G * bq, D)
+            q_blk = qg[:, :, :, i0:i1].to(cdt).reshape(B, K, G * bq, D) * scale
             m = torch.full((B, K, G, bq), torch.finfo(cdt).min, dtype=cdt, device=q.device)
             l = torch.zeros(B, K, G, bq, dtype=cdt, device=q.device)
             acc = torch.zeros(B, K, G * bq, D, dtype=cdt, device=q.device)
             for j0 in _key_blocks(i0, i1, block, window):
                 j1 = min(S, j0 + block)
-                s = _scores(q_blk, k, doc_BS, slopes, kpos_BS, i0, i1, j0, j1, window, scale)
+                s = _scores(q_blk, k, doc_BS, slopes, kpos_BS, i0, i1, j0, j1, window)
                 m_new = torch.maximum(m, s.amax(-1))
                 alpha = torch.exp(m - m_new)
                 p = s.sub_(m_new[..., None]).exp_()
@@ -125,14 +126,14 @@ class BlockAttention(torch.autograd.Function):
         for i0 in range(0, S, block):
             i1 = min(S, i0 + block)
             bq = i1 - i0
-            q_blk = qg[:, :, :, i0:i1].to(cdt).reshape(B, K, G * bq, D)
+            q_blk = qg[:, :, :, i0:i1].to(cdt).reshape(B, K, G * bq, D) * scale  # dK = dS^T (scale Q)
             do_blk = do[:, :, :, i0:i1].to(cdt).reshape(B, K, G * bq, D)
             lse_blk = lse[:, :, :, i0:i1, None]
             delta_blk = delta[:, :, :, i0:i1, None]
             dq_blk = torch.zeros(B, K, G * bq, D, dtype=cdt, device=q.device)
             for j0 in _key_blocks(i0, i1, block, window):
                 j1 = min(S, j0 + block)
-                p = _scores(q_blk, k, doc_BS, slopes, kpos_BS, i0, i1, j0, j1, window, scale)
+                p = _scores(q_blk, k, doc_BS, slopes, kpos_BS, i0, i1, j0, j1, window)
                 p = p.sub_(lse_blk).exp_()  # [B,K,G,bq,bk]; masked entries are exactly 0
                 p2 = p.view(B, K, G * bq, -1)
                 dv[:, :, j0:j1] += torch.matmul(p2.transpose(-1, -2), do_blk)
@@ -143,14 +144,15 @@ class BlockAttention(torch.autograd.Function):
                 del p, p2, dp, ds
             dq[:, :, :, i0:i1] = dq_blk.view(B, K, G, bq, D)
         dq = dq.mul_(scale).view(B, N, S, D).to(q.dtype)
-        dk = dk.mul_(scale).to(k.dtype)
+        dk = dk.to(k.dtype)
         return dq, dk, dv.to(v.dtype), None, None, None, None, None
 
 
 def blockwise_attention(q_BNSD, k_BKSD, v_BKSD, doc_BS, window: int | None = None,
                         alibi_slopes_N: torch.Tensor | None = None, pos_BS: torch.Tensor | None = None,
-                        block: int = BLOCK) -> torch.Tensor:
+                        block: int | None = None) -> torch.Tensor:
     """Causal, document-masked attention with memory linear in S. Returns [B, S, N*D]."""
+    block = block or BLOCK
     if q_BNSD.shape[1] % k_BKSD.shape[1]:
         raise ValueError(f"{q_BNSD.shape[1]} query heads are not a multiple of {k_BKSD.shape[1]} kv heads")
     if alibi_slopes_N is not None and pos_BS is None:
