@@ -135,7 +135,7 @@ runpy.run_path("train_pp.py", run_name="__main__")
 def pipe_run(seq: int, steps: int) -> dict:
     """pipe=2 at max_seq_len seq: measured peak RSS per rank against --plan's per-stage total."""
     root = tempfile.mkdtemp(prefix="ppllm_long_")
-    t = setup_tiny(root, n_docs=600, mean_words=900, vocab_size=1000, hidden_size=128, intermediate_size=256,
+    t = setup_tiny(root, n_docs=600, mean_words=900, vocab_size=1000, hidden_size=256, intermediate_size=512,
                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq)
     cfg = write_run_config(os.path.join(root, "run.yml"), pp_dir=t["pp"], save_path=os.path.join(root, "out"),
                            data=t["data"], dims=[2, 1], seq=seq, mbs=1, gas=2, steps=steps)
