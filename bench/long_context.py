@@ -23,8 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PY, REPO, launch, load_note, log, run_env, setup_tiny, write_run_config  # noqa: E402
+from _common import PY, REPO, launch, load_note, log, run_env, setup_tiny, write_run_config
 
 LAYER_CHILD = r"""
 import json, resource, sys, time, torch
@@ -119,7 +118,6 @@ def layers(families: list[str], sizes: list[int], rounds: int, dense_max_gb: flo
 
 RSS_WORKER = r"""
 import atexit, json, os, resource, sys
-sys.argv = [sys.argv[0]] + sys.argv[1:]
 out = os.environ["PPLLM_RSS_OUT"]
 def dump():
     rank = os.environ.get("RANK", "0")
@@ -127,7 +125,6 @@ def dump():
         json.dump({"rank": int(rank), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 atexit.register(dump)
 import runpy
-sys.path.insert(0, os.getcwd())
 runpy.run_path("train_pp.py", run_name="__main__")
 """
 
