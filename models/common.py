@@ -245,7 +245,9 @@ class _PerBatch:
 
 def _fingerprint(x):
     if isinstance(x, torch.Tensor):
-        return ("t", x.data_ptr(), x._version, tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
+        # inference-mode tensors have no version counter; they are never modified in place either
+        version = -1 if x.is_inference() else x._version
+        return ("t", x.data_ptr(), version, tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
     return ("v", x)
 
 

@@ -51,3 +51,10 @@ def test_caches_are_per_model_and_per_micro_batch():
     contexts = {id(s.module_args[1]) for s in specs[1:-2]}
     assert len(contexts) == 1, "the decoder layers of one model share one StageContext"
     assert id(fam.build_specs(args)[1].module_args[1]) not in contexts
+
+
+def test_caches_work_in_inference_mode():
+    ctx = StageContext()
+    with torch.inference_mode():
+        doc = torch.zeros(1, 4, dtype=torch.long)
+        assert ctx.mask(doc) is ctx.mask(doc)
