@@ -151,16 +151,21 @@ def _rss_child(path: str, tok_dir: str, max_len: int, workers: int | None) -> No
     print(json.dumps({"rss_mb": round(own, 1), "worker_rss_mb": round(kids, 1)}))
 
 
+def _tokenizer(a, tmp):
+    """--tokenizer, else the shipped llama-2 tokenizer, else a small SentencePiece model trained here."""
+    tok_dir = a.tokenizer or (LLAMA2 if os.path.isdir(LLAMA2) else None)
+    if tok_dir is None:
+        from ppllm.tiny import train_sentencepiece
+        tok_dir = train_sentencepiece(make_corpus(os.path.join(tmp, "t.jsonl"), 300, 1)[:2000],
+                                      os.path.join(tmp, "tok"), vocab_size=2000)
+    tok = load_tokenizer(tok_dir, "llama")
+    return tok_dir, tok, get_template("auto", tok, "llama")
+
+
 def pretrain_main(a) -> None:
     import subprocess
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
-        tok_dir = a.tokenizer or (LLAMA2 if os.path.isdir(LLAMA2) else None)
-        if tok_dir is None:
-            from ppllm.tiny import train_sentencepiece
-            tok_dir = train_sentencepiece(make_corpus(os.path.join(tmp, "t.jsonl"), 300, 1)[:2000],
-                                          os.path.join(tmp, "tok"), vocab_size=2000)
-        tok = load_tokenizer(tok_dir, "llama")
-        template = get_template("auto", tok, "llama")
+        tok_dir, tok, template = _tokenizer(a, tmp)
         path = os.path.join(tmp, "corpus.jsonl")
         t0 = time.perf_counter()
         n_docs = make_pretrain_corpus(path, a.mb, a.seed)
@@ -274,13 +279,7 @@ def formats_main(a) -> None:
     """Parquet and .jsonl.zst against the raw tokenizer; 2 preparers against 1; RSS flat in corpus size."""
     import subprocess
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
-        tok_dir = a.tokenizer or (LLAMA2 if os.path.isdir(LLAMA2) else None)
-        if tok_dir is None:
-            from ppllm.tiny import train_sentencepiece
-            tok_dir = train_sentencepiece(make_corpus(os.path.join(tmp, "t.jsonl"), 300, 1)[:2000],
-                                          os.path.join(tmp, "tok"), vocab_size=2000)
-        tok = load_tokenizer(tok_dir, "llama")
-        template = get_template("auto", tok, "llama")
+        tok_dir, tok, template = _tokenizer(a, tmp)
         path = os.path.join(tmp, "corpus.jsonl")
         n_docs = make_pretrain_corpus(path, a.mb, a.seed, typed=False)
         files = _write_formats(path, tmp)

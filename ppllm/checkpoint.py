@@ -25,21 +25,51 @@ import torch
 import torch.distributed as dist
 
 from ppllm import collectives
+from ppllm.errors import UserError
 from ppllm.paths import (LATEST_FILE, META_FILE, PARTITION_FILE, TMP_PREFIX, copy_side_files, latest_target,
                          list_tags, read_latest, tag_for, write_atomic)
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """This rank's RNG state as plain tensors and numbers (it loads with ``weights_only=True``:
+    nothing in it can run code), with the device RNG of the current device only, so a resume on a
+    node that shows fewer GPUs (per-rank CUDA_VISIBLE_DEVICES, SLURM --gpus-per-task) works."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_words, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)),
+             "python": (int(py_version), torch.tensor(py_words, dtype=torch.int64), py_gauss)}
+    if _device_rng() is not None:
+        state["device"] = _device_rng().get_rng_state()  # the current device (set from the local rank)
+    return state
+
+
+def _device_rng():
+    """torch's RNG module of the device DeepSpeed trains on, None on CPU."""
+    from ppllm.engine import accelerator
+    kind = accelerator()
+    module = getattr(torch, kind, None) if kind != "cpu" else None
+    return module if module is not None and module.is_available() else None
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state(("MT19937", np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    py_version, py_words, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_words.tolist()), py_gauss))
+    if state.get("device") is not None and _device_rng() is not None:
+        _device_rng().set_rng_state(state["device"])
+
+
+def load_rng_state(path: str) -> dict:
+    """``weights_only=True``: a pickle that would run code is refused, in one line."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the same user-facing fault
+        raise UserError(f"{path}: not a ppllm RNG state of plain tensors ({str(e).splitlines()[0][:160]}); "
+                        "a checkpoint written by another program or damaged: delete the file to resume "
+                        "without restoring the random state") from None
 
 
 def save(engine, save_path: str, step: int, client_state: dict, side_files_from: str,
@@ -139,7 +169,7 @@ def load(engine, directory: str, tag: str, strict: bool = True, reshard: bool = 
         _, client = engine.load_checkpoint(directory, tag=tag, load_module_strict=strict)
     rng = os.path.join(directory, tag, f"rng_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_rng_state(rng))
     return client or {}
 
 

@@ -1,0 +1,148 @@
+"""Step time of a pipeline schedule from per-stage costs: 1F1B against ZB-H1.
+
+Each stage runs, for every micro-batch, a forward F, a backward B and, under ZB-H1, the backward's
+weight-gradient half W split off from B (B then only carries the gradient of the stage's input).
+
+    F(s, i) needs F(s-1, i) plus one activation transfer,
+    B(s, i) needs B(s+1, i) plus one gradient transfer, and F(s, i),
+    W(s, i) needs B(s, i).
+
+A stage runs one operation at a time, picking, whenever it is idle, the first that is ready of:
+a backward (it unblocks the stage before), a forward while fewer than ``p - s`` micro-batches hold
+activations on the stage, else a deferred W. A micro-batch holds its activations from its F until
+its B, so both schedules keep at most ``p - s`` micro-batches' activations on stage s (1F1B's
+peak); between its B and its W, ZB-H1 keeps only what W needs (each weight's input and output
+gradient), counted apart as pending W's. Under 1F1B, W is part of B (its cost is added to B's). With equal costs and free transfers this reproduces the closed forms:
+1F1B ``(m + p - 1)(F + B + W)``; ZB-H1 ``m (F + B + W) + (p - 1)(F + B - W)`` when W <= F, B.
+
+    from ppllm.schedule_sim import simulate
+    simulate("zb-h1", p=8, m=16, f=[1.0] * 8, b=[1.0] * 8, w=[1.0] * 8).step_time
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCHEDULES = ("1f1b", "zb-h1")
+
+
+@dataclass
+class Result:
+    schedule: str
+    step_time: float
+    busy: list[float]                     # per stage: time spent computing
+    peak_in_flight: list[int]             # per stage: most micro-batches holding activations at once
+    peak_pending_w: list[int]             # per stage: most deferred W's (their inputs and gradients kept)
+    timeline: list[list[tuple[str, int, float, float]]] = field(repr=False)  # (op, micro-batch, start, end)
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of the stages' time idle within the step."""
+        return 1.0 - sum(self.busy) / (len(self.busy) * self.step_time)
+
+
+def _per_stage(x, p: int, name: str) -> list[float]:
+    values = [float(x)] * p if isinstance(x, (int, float)) else [float(v) for v in x]
+    if len(values) != p or any(v < 0 for v in values):
+        raise ValueError(f"{name}: {p} non-negative costs expected, got {x!r}")
+    return values
+
+
+def simulate(schedule: str, p: int, m: int, f, b, w, comm: float = 0.0) -> Result:
+    """``f``, ``b``, ``w``: costs per stage (a number for all, or a list of ``p``); ``comm``: one
+    activation or gradient transfer between neighbouring stages."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
+    if p < 1 or m < 1:
+        raise ValueError(f"p={p}, m={m}: both must be at least 1")
+    f, b, w = _per_stage(f, p, "f"), _per_stage(b, p, "b"), _per_stage(w, p, "w")
+    split = schedule == "zb-h1"
+    if not split:
+        b, w = [bi + wi for bi, wi in zip(b, w)], [0.0] * p
+    limit = [p - s for s in range(p)]
+    f_end = [[None] * m for _ in range(p)]
+    b_end = [[None] * m for _ in range(p)]
+    next_f, next_b, next_w = [0] * p, [0] * p, [0] * p
+    free_at = [0.0] * p
+    in_flight, peak = [0] * p, [0] * p
+    pending_w, peak_w = [0] * p, [0] * p
+    busy = [0.0] * p
+    timeline: list[list[tuple[str, int, float, float]]] = [[] for _ in range(p)]
+    done = 0
+    total = p * m * (3 if split else 2)
+
+    def ready(s: int) -> tuple[float, str] | None:
+        """The operation stage s runs next and the earliest time it can start."""
+        options = []
+        i = next_b[s]
+        if i < next_f[s]:  # its forward ran here
+            if s == p - 1:
+                options.append((f_end[s][i], 0, "B"))
+            elif b_end[s + 1][i] is not None:
+                options.append((b_end[s + 1][i] + comm, 0, "B"))
+        i = next_f[s]
+        if i < m and in_flight[s] < limit[s]:
+            if s == 0:
+                options.append((0.0, 1, "F"))
+            elif f_end[s - 1][i] is not None:
+                options.append((f_end[s - 1][i] + comm, 1, "F"))
+        if split and next_w[s] < next_b[s]:
+            options.append((b_end[s][next_w[s]], 2, "W"))
+        if not options:
+            return None
+        start = min(max(t, free_at[s]) for t, _, _ in options)
+        # of what can start at that moment, the highest priority (B, then F, then W)
+        chosen = min((prio, op) for t, prio, op in options if max(t, free_at[s]) <= start)
+        return start, chosen[1]
+
+    while done < total:
+        candidates = [(r[0], s, r[1]) for s in range(p) if (r := ready(s)) is not None]
+        if not candidates:
+            raise RuntimeError("schedule deadlocked")  # cannot happen with the in-flight bound >= 1
+        start, s, op = min(candidates)
+        if op == "F":
+            i = next_f[s]
+            end = start + f[s]
+            f_end[s][i] = end
+            next_f[s] += 1
+            in_flight[s] += 1
+            peak[s] = max(peak[s], in_flight[s])
+        elif op == "B":
+            i = next_b[s]
+            end = start + b[s]
+            b_end[s][i] = end
+            next_b[s] += 1
+            in_flight[s] -= 1
+            if split:
+                pending_w[s] += 1
+                peak_w[s] = max(peak_w[s], pending_w[s])
+        else:
+            i = next_w[s]
+            end = start + w[s]
+            next_w[s] += 1
+            pending_w[s] -= 1
+        free_at[s] = end
+        busy[s] += end - start
+        timeline[s].append((op, i, start, end))
+        done += 1
+    return Result(schedule, max(free_at), busy, peak, peak_w, timeline)
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--f", type=float, default=1.0)
+    ap.add_argument("--b", type=float, default=1.0)
+    ap.add_argument("--w", type=float, default=1.0)
+    ap.add_argument("--comm", type=float, default=0.0)
+    ap.add_argument("--p", type=int, nargs="+", default=[4, 8, 16])
+    a = ap.parse_args(argv)
+    print("p   m    1f1b     zb-h1    zb-h1/1f1b speed-up")
+    for p in a.p:
+        for m in (p, 2 * p, 4 * p):
+            one = simulate("1f1b", p, m, a.f, a.b, a.w, a.comm)
+            zb = simulate("zb-h1", p, m, a.f, a.b, a.w, a.comm)
+            print(f"{p:<3} {m:<4} {one.step_time:8.2f} {zb.step_time:8.2f} {one.step_time / zb.step_time:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
