@@ -3,7 +3,7 @@
 ``build_engine`` turns a family's layer list into this rank's stage of a ``PipeModel``, loads
 its layer files, and hands it to ``deepspeed.initialize`` with ppllm's optimizer groups and
 schedule. ``train_step`` / ``eval_step`` feed one step of micro-batches to ``train_batch`` /
-``eval_batch`` with the step's token normaliser attached to the labels.
+``eval_batch`` with the step's token normaliser given to the loss function (Python floats, see with_normaliser).
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def z_positions(batches: list) -> int:
 
 
 def normalised(engine, batches: list | None) -> list | None:
-    """The step's micro-batches with their loss normalisers attached (see with_normaliser).
+    """The step's micro-batches with their loss normaliser set on the loss function (see with_normaliser).
 
     The engine averages per-micro-batch losses over grad-accum steps and data-parallel
     replicas; scaling each micro-batch's summed loss by gas * dp / (trained tokens of
