@@ -84,6 +84,8 @@ def layer_activation_bytes(margs: ModelArgs, kind: str, s: Setup) -> int:
         N = margs.num_heads
         K, D, inter = margs.num_kv_heads, margs.head_dim, margs.intermediate_size
         mask = 0 if s.flash or s.attention != "dense" else 4 * B * S * S
+        if mask and margs.model_type == "bloom":  # dense ALiBi: fp32 probabilities per head kept, + the bool mask
+            mask = 4 * B * N * S * S + B * S * S
         full = b * (9 * B * S * H + 2 * B * S * K * D + 4 * B * S * inter + 4 * B * S * D) + 4 * B * N * S + mask
         return b * B * S * H if s.grad_ckpt else full
     if kind == "head":
