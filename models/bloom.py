@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import ModelArgs, StageContext, _PerBatch, check_stage_tuple, tied_head_forward
+from .common import ModelArgs, StageContext, check_stage_tuple, tied_head_forward
 from .family import Family, KeyMap, Layer, init_linear_, layer, tied_layer
 
 
@@ -44,11 +44,6 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
                           torch.arange(1, 2 * k, 2, dtype=torch.float32))
         slopes = torch.cat([slopes, extra])
     return slopes
-
-
-def alibi_bias(slopes_N: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
-    """The [B,N,1,S] bias of a micro-batch: slope times the key's position in its document."""
-    return slopes_N.to(pos_BS.device)[None, :, None, None] * pos_BS[:, None, None, :].to(torch.float32)
 
 
 class BloomEmbed(nn.Module):
@@ -79,9 +74,8 @@ class BloomAttention(nn.Module):
         # rows of the fused matrix are grouped per head: [q_h, k_h, v_h] for h = 0..N-1
         qkv = self.query_key_value(x_BSH).view(B, S, a.num_heads, 3, a.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
-        slopes = self.ctx.memo("alibi_slopes", lambda: alibi_slopes(a.num_heads))
-        bias = self.ctx.memo("alibi_bias", lambda: _PerBatch(alibi_bias)).get(slopes, pos_BS)
-        return self.dense(self.ctx.attention(q, k, v, doc_BS, bias_BNSS=bias, softmax_fp32=True))
+        slopes = self.ctx.memo(("alibi_slopes", q.device), lambda: alibi_slopes(a.num_heads).to(q.device))
+        return self.dense(self.ctx.attention(q, k, v, doc_BS, alibi_slopes_N=slopes, pos_BS=pos_BS))
 
 
 class BloomMLP(nn.Module):

@@ -15,6 +15,7 @@ a :class:`HeadOutput` for the loss instead of logits.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -217,28 +218,42 @@ def doc_causal_mask(doc_ids_BS: torch.Tensor, window: int | None = None) -> torc
 
 
 class _PerBatch:
-    """One value per micro-batch, keyed by the identity of an input tensor: every layer of a stage
-    sees the same position/doc tensor objects, so identity is a safe test (holding the key keeps
-    its memory alive, so the id cannot be reused while cached)."""
+    """One value per micro-batch, shared by the layers of a stage and surviving their checkpoint
+    recompute. The key is a tensor's storage (data pointer, version counter, shape, device), not its
+    identity: DeepSpeed's non-reentrant checkpoint detaches the layer inputs before recomputing, which
+    makes new tensor objects over the same storage. The last few micro-batches are kept (1F1B
+    recomputes micro-batch m after later ones ran forward); holding their key tensors keeps that
+    memory alive, so an address cannot be reused by another micro-batch while it is cached."""
 
-    def __init__(self, build):
+    def __init__(self, build, keep: int = 4):
         self._build = build
-        self._key: tuple | None = None
-        self._value = None
+        self._keep = keep
+        self._entries: list[tuple[tuple, tuple, object]] = []  # (fingerprint, held key tensors, value)
 
     def get(self, *key):
-        if self._key is None or len(self._key) != len(key) or not all(map(_same, self._key, key)):
-            self._value = self._build(*key)
-            self._key = key
-        return self._value
+        fp = tuple(_fingerprint(k) for k in key)
+        for i, (f, _, value) in enumerate(self._entries):
+            if f == fp:
+                if i:
+                    self._entries.insert(0, self._entries.pop(i))
+                return value
+        value = self._build(*key)
+        self._entries.insert(0, (fp, tuple(k for k in key if isinstance(k, torch.Tensor)), value))
+        del self._entries[self._keep:]
+        return value
 
 
-def _same(a, b) -> bool:
-    return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
+def _fingerprint(x):
+    if isinstance(x, torch.Tensor):
+        # inference-mode tensors have no version counter; they are never modified in place either
+        version = -1 if x.is_inference() else x._version
+        return ("t", x.data_ptr(), version, tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
+    return ("v", x)
 
 
 def _cu_seqlens(doc_ids_BS: torch.Tensor):
-    """cu_seqlens and the longest segment of a packed batch, for flash-attn's varlen kernels."""
+    """cu_seqlens and the longest segment of a packed batch, for flash-attn's varlen kernels (their
+    argument list has one entry per segment: one host read per micro-batch, cached for the stage)."""
     B, S = doc_ids_BS.shape
     # a new segment starts at every row start and every change of doc id
     flat = (doc_ids_BS + (torch.arange(B, device=doc_ids_BS.device) * (S + 2))[:, None]).flatten()
@@ -249,29 +264,43 @@ def _cu_seqlens(doc_ids_BS: torch.Tensor):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def attention_backend(use_flash_attn: bool) -> tuple[str, str]:
-    """('flash' or 'sdpa', a notice): flash-attn 2 when asked for, installed and on CUDA."""
+#: what each backend is, for the start-up notice and the dry run
+BACKEND_TEXT = {
+    "blockwise": "blockwise (ppllm's online-softmax kernel in torch: memory linear in S, documents, window, ALiBi "
+                 "and grouped kv heads masked per block)",
+    "dense": "dense (SDPA under a [B,1,S,S] document mask: memory grows with S^2)",
+    "flash": "flash-attn 2 (varlen kernels for packed rows; bloom through alibi_slopes)",
+}
+BACKENDS = tuple(BACKEND_TEXT)
+
+
+def attention_backend(use_flash_attn: bool, fallback: str = "blockwise") -> tuple[str, str]:
+    """(backend, a notice): flash-attn 2 when asked for, installed and on CUDA, else ``fallback``
+    ('blockwise' or 'dense'). On a CUDA device in fp32 the flash path still runs ``fallback``
+    (flash-attn has no fp32 kernels), layer by layer: see :meth:`StageContext.attention`."""
+    if fallback not in ("blockwise", "dense"):
+        raise ValueError(f"attention {fallback!r}: use 'blockwise' or 'dense'")
     if not use_flash_attn:
-        return "sdpa", "attention: SDPA"
+        return fallback, f"attention: {BACKEND_TEXT[fallback]}"
     import importlib.util
     if not torch.cuda.is_available():
         why = "no CUDA device"
     elif importlib.util.find_spec("flash_attn") is None:
         why = "flash-attn is not installed (pip install -r requirements-gpu.txt)"
     else:
-        return "flash", "attention: flash-attn 2 (varlen kernels for packed rows)"
-    return "sdpa", f"use_flash_attn: {why}; falling back to SDPA"
+        return "flash", f"attention: {BACKEND_TEXT['flash']}"
+    return fallback, f"use_flash_attn: {why}; attention: {BACKEND_TEXT[fallback]}"
 
 
 class StageContext:
     """What the layers built by one ``Family.build_specs`` call share: the attention backend and
     the per-micro-batch caches (document mask, flash-attn cu_seqlens, and family extras such as
-    RoPE tables and ALiBi biases through :meth:`memo`). Each layer gets it as a constructor
-    argument; nothing is kept in module globals."""
+    RoPE tables through :meth:`memo`). Each layer gets it as a constructor argument; nothing is
+    kept in module globals."""
 
-    def __init__(self, backend: str = "sdpa"):
-        if backend not in ("sdpa", "flash"):
-            raise ValueError(f"attention backend {backend!r}: use 'sdpa' or 'flash'")
+    def __init__(self, backend: str = "blockwise"):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.backend = backend
         self._masks = _PerBatch(doc_causal_mask)
         self._seqlens = _PerBatch(_cu_seqlens)
@@ -290,24 +319,34 @@ class StageContext:
         return self._seqlens.get(doc_ids_BS)
 
     def attention(self, q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, doc_ids_BS: torch.Tensor,
-                  window: int | None = None, bias_BNSS: torch.Tensor | None = None,
-                  softmax_fp32: bool = False) -> torch.Tensor:
-        """Causal, document-masked attention. Returns [B,S,N*D]."""
-        if (self.backend == "flash" and bias_BNSS is None and not softmax_fp32 and q_BNSD.is_cuda
-                and q_BNSD.dtype in (torch.float16, torch.bfloat16)):
-            return _flash_attention(q_BNSD, k_BKSD, v_BKSD, self.cu_seqlens(doc_ids_BS), window)
-        return sdpa_attention(q_BNSD, k_BKSD, v_BKSD, self.mask(doc_ids_BS, window), bias_BNSS, softmax_fp32)
+                  window: int | None = None, alibi_slopes_N: torch.Tensor | None = None,
+                  pos_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal, document-masked attention (ALiBi: ``alibi_slopes_N`` and the positions that restart
+        per document; the softmax is in fp32 on every backend). Returns [B,S,N*D]."""
+        from .attention import blockwise_attention
+        if (self.backend == "flash" and q_BNSD.is_cuda and q_BNSD.dtype in (torch.float16, torch.bfloat16)):
+            return _flash_attention(q_BNSD, k_BKSD, v_BKSD, self.cu_seqlens(doc_ids_BS), window, alibi_slopes_N)
+        if self.backend == "dense":
+            bias = None
+            if alibi_slopes_N is not None:
+                bias = alibi_slopes_N.float().to(pos_BS.device)[None, :, None, None] * pos_BS[:, None, None, :].float()
+            return sdpa_attention(q_BNSD, k_BKSD, v_BKSD, self.mask(doc_ids_BS, window), bias,
+                                  softmax_fp32=alibi_slopes_N is not None)
+        return blockwise_attention(q_BNSD, k_BKSD, v_BKSD, doc_ids_BS, window, alibi_slopes_N, pos_BS)
 
 
-def _flash_attention(q_BNSD, k_BKSD, v_BKSD, cu_seqlens, window):
+def _flash_attention(q_BNSD, k_BKSD, v_BKSD, cu_seqlens, window, alibi_slopes_N=None):
+    """flash-attn's ALiBi bias is ``-slope * (i - j)``, bloom's ``slope * (position of j in its document)``:
+    within a document they differ by ``slope * (position of i)``, constant along a softmax row."""
     from flash_attn import flash_attn_varlen_func
     B, N, S, D = q_BNSD.shape
     cu, max_len = cu_seqlens
     q = q_BNSD.transpose(1, 2).reshape(B * S, N, D)
     k = k_BKSD.transpose(1, 2).reshape(B * S, k_BKSD.shape[1], D)
     v = v_BKSD.transpose(1, 2).reshape(B * S, v_BKSD.shape[1], D)
+    kw = {} if alibi_slopes_N is None else {"alibi_slopes": alibi_slopes_N.float().to(q.device)}
     out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True,
-                                 window_size=(window - 1, 0) if window else (-1, -1))
+                                 window_size=(window - 1, 0) if window else (-1, -1), **kw)
     return out.reshape(B, S, N * D)
 
 
@@ -358,8 +397,17 @@ class HeadOutput(NamedTuple):
         return F.linear(self.hidden, self.weight)
 
 
-#: fp32 bytes of one chunk's logits; the loss works on ~this many bytes of [tokens, V] at a time
+#: fp32 bytes of one chunk's logits; the loss works on ~this many bytes of [tokens, V] at a time. On CPU
+#: 32 MiB (cache-friendly); on a GPU ~1 GiB, where a 32 MiB chunk is a launch-bound 0.1 ms matmul
 LOSS_CHUNK_BYTES = 32 << 20
+GPU_LOSS_CHUNK_BYTES = 1 << 30
+
+
+def default_loss_chunk_bytes(device_type: str, mb: int | None = None) -> int:
+    """``loss_chunk_mb`` when set, else the device's default."""
+    if mb is not None:
+        return int(mb) << 20
+    return LOSS_CHUNK_BYTES if device_type == "cpu" else GPU_LOSS_CHUNK_BYTES
 
 
 def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
@@ -460,11 +508,13 @@ def _grads_by_vocab(h_NH, w_VH, labels_N, zmask_N, ce_scale, z_coef, vchunk, lse
     for v0 in range(0, V, vchunk):
         v1 = min(V, v0 + vchunk)
         g = F.linear(h_NH, w_VH[v0:v1]).float().sub_(lse[:, None]).exp_().mul_(row[:, None])
-        inside = (valid & (labels_N >= v0) & (labels_N < v1)).nonzero().squeeze(1)
-        g.index_put_((inside, labels_N[inside] - v0), -row[inside], accumulate=True)
+        # every token adds to one column of the chunk: -row at its label, or an exact 0 at column 0
+        # when its label lies elsewhere (a scatter of fixed shape: no nonzero, no host read)
+        inside = valid & (labels_N >= v0) & (labels_N < v1)
+        g.scatter_add_(1, torch.where(inside, labels_N - v0, 0)[:, None], torch.where(inside, -row, 0.0)[:, None])
         if zg is not None:
-            zin = (zmask_N & (zarg >= v0) & (zarg < v1)).nonzero().squeeze(1)
-            g.index_put_((zin, zarg[zin] - v0), zg[zin], accumulate=True)
+            zin = zmask_N & (zarg >= v0) & (zarg < v1)
+            g.scatter_add_(1, torch.where(zin, zarg - v0, 0)[:, None], torch.where(zin, zg, 0.0)[:, None])
         g = g.to(h_NH.dtype)
         if want_w:
             gw[v0:v1] = g.t() @ h_NH
@@ -528,12 +578,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 def split_labels(labels):
-    """``labels`` | ``(labels, norm)`` | ``(labels, norm, next_token_mask)`` -> the three (None where absent).
-    ``norm`` is float64 ``[1]`` (the CE scale) or ``[2]`` (CE scale, z-loss scale), attached by
-    ``ppllm.engine.with_normaliser``."""
+    """``labels`` | ``(labels, next_token_mask)`` -> the two (None where absent)."""
     if isinstance(labels, (tuple, list)):
-        return labels[0], labels[1], (labels[2] if len(labels) > 2 else None)
-    return labels, None, None
+        return labels[0], (labels[1] if len(labels) > 1 else None)
+    return labels, None
+
+
+def _fp32(x: float) -> float:
+    """x rounded to fp32, as a Python float (the scale the fp32 loss multiplies by)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 class TokenLoss:
@@ -541,15 +594,15 @@ class TokenLoss:
     baichuan2's optional z-loss ``z_loss_weight * mean(max(logits)^2)``.
 
     Labels are already shifted by the data pipeline (``labels[t]`` is the target for
-    position ``t``; -100 is ignored). The labels may come as ``(labels, norm[, mask])`` where
-    ``norm[0] = grad_accum * dp / trained_tokens_in_step`` is attached by
-    ``ppllm.engine.train_step`` so the engine's per-micro-batch averaging turns into a
-    token-weighted mean over the whole optimizer step. Plain labels give the micro-batch
-    token mean.
+    position ``t``; -100 is ignored); they may come as ``(labels, next_token_mask)``.
+    ``normaliser = (scale, z_scale)``, Python floats set once per optimizer step by
+    ``ppllm.engine.with_normaliser`` with ``scale = grad_accum * dp / trained_tokens_in_step``, turns
+    the engine's per-micro-batch averaging into a token-weighted mean over the whole step. Without
+    one, the loss is the micro-batch's token mean (one host read, outside the pipeline).
 
     The z-loss is averaged, as in the original, over every position that predicts a next
-    token, trained or not: with ``norm[1] = grad_accum * dp / such positions in the step`` and
-    ``mask`` = :func:`next_token_mask` of the row's doc ids; with plain labels, every position
+    token, trained or not: with ``z_scale = grad_accum * dp / such positions in the step`` and
+    the mask = :func:`next_token_mask` of the row's doc ids; with plain labels, every position
     but the last of each row (one document per row).
 
     ``outputs`` is a :class:`HeadOutput` (chunked, the pipeline's path) or logits (unchunked).
@@ -558,32 +611,34 @@ class TokenLoss:
     def __init__(self, z_loss_weight: float = 0.0, chunk_bytes: int = LOSS_CHUNK_BYTES):
         self.z_loss_weight = z_loss_weight
         self.chunk_bytes = chunk_bytes
+        self.normaliser: tuple[float, float | None] | None = None
         self.__name__ = "TokenLoss"
 
     @property
     def needs_next_token_mask(self) -> bool:
         return bool(self.z_loss_weight)
 
-    def _scales(self, labels_BS, norm, zmask_BS):
+    def _scales(self, labels_BS, zmask_BS):
         """(CE scale, z-loss coefficient, z mask or None) as fp32-rounded Python floats."""
+        norm = self.normaliser
         if norm is None:
             ce = 1.0 / max(1, int((labels_BS != -100).sum()))
         else:
-            ce = float(norm.reshape(-1)[0].float())
+            ce = _fp32(norm[0])
         if not self.z_loss_weight:
             return ce, 0.0, None
         if zmask_BS is None:
             zmask_BS = torch.ones_like(labels_BS, dtype=torch.bool)
             zmask_BS[:, -1] = False
-        if norm is None or norm.numel() < 2:
+        if norm is None or norm[1] is None:
             zs = 1.0 / max(1, int(zmask_BS.sum()))
         else:
-            zs = float(norm.reshape(-1)[1].float())
-        return ce, float(torch.tensor(self.z_loss_weight * zs, dtype=torch.float32)), zmask_BS.to(labels_BS.device)
+            zs = _fp32(norm[1])
+        return ce, _fp32(self.z_loss_weight * zs), zmask_BS.to(labels_BS.device)
 
     def __call__(self, outputs, labels) -> torch.Tensor:
-        labels_BS, norm, zmask_BS = split_labels(labels)
-        ce_scale, z_coef, zmask_BS = self._scales(labels_BS, norm, zmask_BS)
+        labels_BS, zmask_BS = split_labels(labels)
+        ce_scale, z_coef, zmask_BS = self._scales(labels_BS, zmask_BS)
         labels_N = labels_BS.reshape(-1)
         zmask_N = zmask_BS.reshape(-1) if zmask_BS is not None else None
         if isinstance(outputs, HeadOutput):

@@ -127,7 +127,7 @@ class Family:
                 TiedLayerSpec(x.tied_key, x.cls, *x.args, forward_fn=x.forward_fn, tied_weight_attr="weight")
                 for x in self.layers(args, ctx)]
 
-    def build_specs(self, args: Any, attention: str = "sdpa") -> list:
+    def build_specs(self, args: Any, attention: str = "blockwise") -> list:
         """The layer list of one model: its layers share one StageContext (backend and caches)."""
         return self.layer_specs(args, StageContext(attention))
 

@@ -198,7 +198,13 @@ class RunConfig(BaseModel):
     use_grad_ckpt: bool = False
     """activation checkpointing of every decoder layer (non-reentrant)"""
     use_flash_attn: bool = False
-    """flash-attn 2 varlen kernels on CUDA when installed; otherwise SDPA, with one notice"""
+    """flash-attn 2 varlen kernels on CUDA in bf16/fp16 when installed (bloom through its ALiBi slopes); otherwise
+    `attention`, with one notice"""
+    attention: Literal["blockwise", "dense"] = "blockwise"
+    """the torch attention backend (CPU, fp32, or no flash-attn): `blockwise`, ppllm's online-softmax kernel with
+    memory linear in the sequence length, or `dense`, SDPA under an S x S document mask (memory grows with S^2)"""
+    loss_chunk_mb: int | None = Field(default=None, ge=1)
+    """MiB of fp32 logits the chunked loss forms at a time; default 1024 on a GPU, 32 on CPU (`--plan` follows it)"""
     packing: bool = True
     """several samples share a row: best fit, positions restart per document, attention never crosses documents,
     and no label spans two documents. `false` puts one sample per row with padding"""

@@ -151,12 +151,17 @@ def measure_grad_norm_before_step(engine) -> None:
 
 def pipeline_grad_norm(params, group) -> float:
     """L2 norm of the gradients of every stage: this stage's parameters (tied copies counted once,
-    on their owner) reduced over the pipeline group."""
+    on their owner) reduced over the pipeline group.
+
+    One norm kernel over the stage's gradients where they are (torch's foreach norm, fp32
+    accumulation), one reduction of its square across the pipe group, one host read per step; no
+    fp64 copy of any gradient."""
     from ppllm import collectives
-    sq = torch.zeros(1, dtype=torch.float64)
-    for p in params:
-        if p.grad is not None and not is_replicated(p):
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+    grads = [p.grad.detach() for p in params if p.grad is not None and not is_replicated(p)]
+    if grads:
+        sq = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).double().square().reshape(1)
+    else:
+        sq = torch.zeros(1, dtype=torch.float64)
     collectives.all_reduce_(sq, group=group)
     return float(sq.sqrt())
 

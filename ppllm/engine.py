@@ -3,7 +3,7 @@
 ``build_engine`` turns a family's layer list into this rank's stage of a ``PipeModel``, loads
 its layer files, and hands it to ``deepspeed.initialize`` with ppllm's optimizer groups and
 schedule. ``train_step`` / ``eval_step`` feed one step of micro-batches to ``train_batch`` /
-``eval_batch`` with the step's token normaliser attached to the labels.
+``eval_batch`` with the step's token normaliser given to the loss function (Python floats, see with_normaliser).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def lr_lambda(sched, total_steps: int):
 
 def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
                  grad_ckpt: bool, model_path: str | None, no_decay: list[str] | None = None,
-                 lr_scheduler=None, lora=None, attention: str = "sdpa"):
+                 lr_scheduler=None, lora=None, attention: str = "blockwise", loss_chunk_bytes: int | None = None):
     """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed.
     Returns (engine, loss_fn, topology)."""
     import deepspeed
@@ -142,6 +142,8 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
     from ppllm.pipeline import PipeModel
     topo = ds_compat.topology(pipe, data)
     loss_fn = family.loss_fn(margs)
+    if loss_chunk_bytes is not None:
+        loss_fn.chunk_bytes = loss_chunk_bytes
     model = PipeModel(family.build_specs(margs, attention), bounds=bounds, topology=topo, loss_fn=loss_fn,
                       seed_layers=True, base_seed=seed,
                       activation_checkpoint_interval=1 if grad_ckpt else 0,
@@ -205,17 +207,19 @@ def _client_optimizer(ds_cfg: dict, groups: list[dict]):
     return ds_cfg, DeepSpeedCPULion(groups, **opt.get("params", {}))
 
 
-def with_normaliser(batches: list | None, scale: float, z_scale: float | None = None) -> list | None:
-    """Attach the step's loss normaliser to every micro-batch's labels: ``(labels, scale)``, or for
-    a z-loss ``(labels, [scale, z_scale], next_token_mask)``. The loss function reads it from there
-    (see models.common.TokenLoss)."""
+def with_normaliser(batches: list | None, scale: float, z_scale: float | None = None, loss_fns=()) -> list | None:
+    """Give the step's loss normaliser to the loss functions as Python floats (``TokenLoss.normaliser``;
+    every micro-batch of a step shares it), so nothing travels to the device and back per micro-batch.
+    Returns the micro-batches, with ``(labels, next_token_mask)`` as labels for a z-loss (a per-token
+    tensor the last stage needs, computed from the doc ids of the first)."""
+    for fn in loss_fns:
+        if fn is not None and hasattr(fn, "normaliser"):
+            fn.normaliser = (scale, z_scale)
     if batches is None:
         return None
     if z_scale is None:
-        s = torch.tensor([scale], dtype=torch.float64)
-        return [(inputs, (labels, s)) for inputs, labels in batches]
-    s = torch.tensor([scale, z_scale], dtype=torch.float64)
-    return [(inputs, (labels, s, next_token_mask(inputs[2]))) for inputs, labels in batches]
+        return list(batches)
+    return [(inputs, (labels, next_token_mask(inputs[2]))) for inputs, labels in batches]
 
 
 def _wants_z_mask(engine) -> bool:
@@ -228,7 +232,7 @@ def z_positions(batches: list) -> int:
 
 
 def normalised(engine, batches: list | None) -> list | None:
-    """The step's micro-batches with their loss normalisers attached (see with_normaliser).
+    """The step's micro-batches with their loss normaliser set on the loss function (see with_normaliser).
 
     The engine averages per-micro-batch losses over grad-accum steps and data-parallel
     replicas; scaling each micro-batch's summed loss by gas * dp / (trained tokens of
@@ -248,7 +252,7 @@ def normalised(engine, batches: list | None) -> list | None:
         z_scale = factor / max(1.0, positions) if wants_z else None
     elif wants_z:
         z_scale = 0.0
-    return with_normaliser(batches, scale, z_scale)
+    return with_normaliser(batches, scale, z_scale, [getattr(engine.module, "loss_fn", None)])
 
 
 def train_step(engine, batches: list | None) -> float:

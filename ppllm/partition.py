@@ -64,7 +64,7 @@ def layer_costs(family, args: Any, seq_len: int = 2048, flash: bool = False) -> 
     ``parts: auto`` balances.
 
     * decoder: 6 x its parameters (the matmuls) + 12 x seq x (heads x head dim) for attention
-      (SDPA with a document mask computes the full S x S; flash-attn's causal kernels half of it);
+      (attention: dense computes the full S x S; flash-attn and blockwise skip the upper triangle: half);
     * head + loss: 6 x V x H (logits and both gradients; the same for a tied head);
     * embedding: a gather (2 % of a decoder layer); norms: negligible.
 

@@ -5,7 +5,9 @@ Activations follow what the decoder layers in ``models/`` save for backward
 tests/test_planner.py), per micro-batch of B x S tokens, in bytes:
 
     decoder layer  b * (9*B*S*H + 2*B*S*K*D + 4*B*S*I + 4*B*S*D) + 4*B*N*S + mask
-    mask           4 * B * S * S   (SDPA with a document mask; none with flash-attn varlen)
+    mask           4 * B * S * S   (attention: dense, SDPA with a document mask; none with blockwise or
+                   flash-attn, whose only per-row state is the logsumexp 4*B*N*S; blockwise adds, once per
+                   stage, its transient block of scores: models.attention.block_scores_bytes)
     head + loss    chunked (models.common.TokenLoss), one chunk of fp32 logits at a time:
                    with a few token chunks per micro-batch (early_gradients) both gradients are taken
                    in forward: b*B*S*H, + 4*V*H for the head gradient's fp32 sum (bf16), + a chunk;
@@ -44,6 +46,8 @@ class Setup:
     grad_ckpt: bool = False
     optimizer: str = "adamw"
     flash: bool = False
+    attention: str = "blockwise"  # the torch backend where flash-attn is not used: blockwise | dense
+    loss_chunk_bytes: int = 32 << 20
     trainable_fraction: float = 1.0  # < 1 with LoRA
 
 
@@ -79,7 +83,9 @@ def layer_activation_bytes(margs: ModelArgs, kind: str, s: Setup) -> int:
     if kind == "decoder":
         N = margs.num_heads
         K, D, inter = margs.num_kv_heads, margs.head_dim, margs.intermediate_size
-        mask = 0 if s.flash else 4 * B * S * S
+        mask = 0 if s.flash or s.attention != "dense" else 4 * B * S * S
+        if mask and margs.model_type == "bloom":  # dense ALiBi: fp32 probabilities per head kept, + the bool mask
+            mask = 4 * B * N * S * S + B * S * S
         full = b * (9 * B * S * H + 2 * B * S * K * D + 4 * B * S * inter + 4 * B * S * D) + 4 * B * N * S + mask
         return b * B * S * H if s.grad_ckpt else full
     if kind == "head":
@@ -95,7 +101,7 @@ def head_loss_bytes(margs: ModelArgs, s: Setup, chunked: bool = True) -> int:
     bench/pipeline_efficiency.py --loss-memory)."""
     import torch
 
-    from models.common import LOSS_CHUNK_BYTES, early_gradients, loss_chunk_tokens
+    from models.common import early_gradients, loss_chunk_tokens
     b = _dtype_bytes(s.precision)
     N, H, V = s.micro_batch * s.seq_len, margs.hidden_size, margs.vocab_size
     if not chunked:
@@ -103,12 +109,12 @@ def head_loss_bytes(margs: ModelArgs, s: Setup, chunked: bool = True) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
     # the head matrix's gradient (b*V*H) is not counted here: it is the parameter's gradient, which
     # the unchunked loss makes too and estimate() counts with the gradients
-    if early_gradients(N, H, V, dtype):  # token chunks, both gradients taken in forward
-        c = min(N, loss_chunk_tokens(V))
+    if early_gradients(N, H, V, dtype, s.loss_chunk_bytes):  # token chunks, both gradients taken in forward
+        c = min(N, loss_chunk_tokens(V, s.loss_chunk_bytes))
         fp32_sum = 4 * V * H if b != 4 else 0  # the head gradient's fp32 sum (bf16)
         return b * N * H + fp32_sum + c * V * (4 + b)
     # recomputed in backward by vocabulary chunks: h's gradient and its fp32 sum, one chunk
-    vc = min(V, max(16, LOSS_CHUNK_BYTES // (4 * N)))
+    vc = min(V, max(16, s.loss_chunk_bytes // (4 * N)))
     return b * N * H + 4 * N * H + N * vc * (4 + b)
 
 
@@ -138,6 +144,9 @@ def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
         if s.grad_ckpt and any(kinds[i] == "decoder" for i in range(lo, hi)):
             full = Setup(**{**s.__dict__, "grad_ckpt": False})
             act += layer_activation_bytes(margs, "decoder", full)  # one layer recomputed at a time
+        if not s.flash and s.attention == "blockwise" and any(kinds[i] == "decoder" for i in range(lo, hi)):
+            from models.attention import block_scores_bytes
+            act += block_scores_bytes(s.micro_batch, margs.num_heads, s.seq_len)  # one block pair at a time
         inflight = min(s.pipe - stage, s.grad_accum)
         out.append(StageMemory(stage, (lo, hi - 1), params, params * b, grads, optim, act, inflight))
     return out
@@ -145,7 +154,7 @@ def estimate(family, margs, bounds: list[int], s: Setup) -> list[StageMemory]:
 
 def layer_weights(family, margs, s: Setup) -> list[float]:
     """Per-layer cost mixing compute (parameter count as matmul work) and memory (bytes)."""
-    compute = layer_costs(family, margs, s.seq_len, s.flash)
+    compute = layer_costs(family, margs, s.seq_len, s.flash or s.attention == "blockwise")
     kinds = family.layer_kinds(margs)
     counts = family.layer_param_counts(margs)
     per_param = _dtype_bytes(s.precision) * 2 + OPTIMIZER_STATE_BYTES.get(s.optimizer.lower(), 8)
@@ -159,6 +168,15 @@ def propose_bounds(family, margs, s: Setup) -> list[int]:
     return balanced_bounds(layer_weights(family, margs, s), s.pipe)
 
 
+def _attention_text(s: Setup) -> str:
+    if s.flash:
+        return "flash-attn 2 where installed on CUDA in bf16/fp16 (else %s, counted: none)" % s.attention
+    if s.attention == "dense":
+        return "dense (SDPA with a document mask: 4*B*S*S bytes per decoder layer, counted)"
+    from models.attention import block_scores_bytes
+    return f"blockwise (linear in S: logsumexp 4*B*N*S per decoder layer, one block of scores per stage, {block_scores_bytes(s.micro_batch, 1, s.seq_len) >> 10} KiB per head)"
+
+
 def format_plan(stages: list[StageMemory], s: Setup) -> str:
     unit, div = ("GiB", GB) if max(st.total_bytes for st in stages) >= GB else ("MiB", 1 << 20)
 
@@ -170,6 +188,7 @@ def format_plan(stages: list[StageMemory], s: Setup) -> str:
              f" zero={s.zero_stage}"
              f"{' offload' if s.offload_optimizer else ''} grad_ckpt={s.grad_ckpt} optimizer={s.optimizer}"
              f"{' lora' if s.trainable_fraction < 1 else ''}",
+             f"attention: {_attention_text(s)}; loss chunks of {s.loss_chunk_bytes >> 20} MiB of fp32 logits",
              f"stage  layers      params(M)  weights   grads  optim  act/mb  in-flight  act  total ({unit})"]
     for st in stages:
         lines.append(f"{st.stage:5d}  {st.layers[0]:3d}..{st.layers[1]:<4d} {st.params / 1e6:10.2f} {gb(st.param_bytes)}"
@@ -196,7 +215,15 @@ def setup_from_config(cfg, family=None, margs=None) -> Setup:
                  grad_accum_dtype=route.grad_accum_dtype or route.precision,
                  offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
                  grad_ckpt=cfg.run.use_grad_ckpt, optimizer=opt, flash=cfg.run.use_flash_attn,
+                 attention=cfg.run.attention, loss_chunk_bytes=loss_chunk_bytes(cfg),
                  trainable_fraction=fraction)
+
+
+def loss_chunk_bytes(cfg) -> int:
+    """The chunked loss's logits bytes of this run: ``loss_chunk_mb``, else the accelerator's default."""
+    from models.common import default_loss_chunk_bytes
+    from ppllm.engine import accelerator
+    return default_loss_chunk_bytes(accelerator(), cfg.run.loss_chunk_mb)
 
 
 def resolve_partition(cfg):
@@ -243,7 +270,8 @@ def format_layout(cfg, family, margs, bounds: list[int]) -> str:
              f"{sum(counts) / 1e6:.2f}M parameters",
              f"topology: pipe={cfg.pipe} x data={cfg.data} = {cfg.world_size} processes; "
              f"micro batch {cfg.micro_batch} x grad accum {cfg.grad_accum} x data {cfg.data} = "
-             f"{cfg.micro_batch * cfg.grad_accum * cfg.data} rows of {cfg.run.max_seq_len} tokens per step"]
+             f"{cfg.micro_batch * cfg.grad_accum * cfg.data} rows of {cfg.run.max_seq_len} tokens per step",
+             f"attention: {_attention_text(setup_from_config(cfg, family, margs))}"]
     for s in range(cfg.pipe):
         lo, hi = bounds[s], bounds[s + 1]
         lines.append(f"  stage {s}: layers {lo}..{hi - 1} ({hi - lo}), "

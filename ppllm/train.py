@@ -26,7 +26,7 @@ from ppllm.feed import count_steps, format_data_stats, format_steps, load_data, 
 from ppllm.log import is_rank0, log0
 from ppllm.metrics import MetricsWriter, batch_counts, bubble_fraction, device_peak_tflops, flops_per_token
 from ppllm.paths import METRICS_FILE, ds_model_states_file, layer_file, step_of, tag_for
-from ppllm.planner import format_layout, memory_plan, resolve_partition
+from ppllm.planner import format_layout, loss_chunk_bytes, memory_plan, resolve_partition
 
 
 @dataclass
@@ -63,7 +63,7 @@ def setup(cfg: Config) -> Run:
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    attention, notice = attention_backend(cfg.run.use_flash_attn)
+    attention, notice = attention_backend(cfg.run.use_flash_attn, cfg.run.attention)
     log0(notice)
 
     family, margs, bounds = resolve_partition(cfg)
@@ -80,7 +80,8 @@ def setup(cfg: Config) -> Run:
         scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     engine, _, _ = eng.build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds, cfg.run.seed,
                                     cfg.run.use_grad_ckpt, None if cfg.run.from_scratch else cfg.run.model_path,
-                                    cfg.run.no_decay, scheduler, cfg.run.lora, attention)
+                                    cfg.run.no_decay, scheduler, cfg.run.lora, attention,
+                                    loss_chunk_bytes(cfg))
     if cfg.run.lora is not None:
         n_train = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in engine.module.parameters())

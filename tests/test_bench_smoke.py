@@ -81,3 +81,10 @@ def test_data_throughput_formats_tiny():
                       "two_preparers_speedup", "two_preparers_cpu_ratio", "rss_mb_parquet_quarter",
                       "rss_mb_parquet_full", "rss_mb_zst_quarter", "rss_mb_zst_full"}
     assert r["parquet_vs_tokenizer_cpu"] > 0 and r["rss_mb_parquet_full"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_long_context_smoke():
+    """bench/long_context.py --smoke: one llama layer, dense vs blockwise at S = 1024 and 2048."""
+    r = run_bench(["bench/long_context.py", "--smoke"], timeout=580)
+    assert r["mem_ratio"] > 0 and r["time_ratio_1k"] > 0
