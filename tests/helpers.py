@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_group(cmd: list[str], timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on a timeout (or the test's own timeout interrupting the
+    wait) the whole process group goes, not only the launcher. A launcher killed alone leaves its ranks
+    running, one of them possibly spinning on a peer forever and slowing every later test."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(p)
+        out, err = p.communicate()
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s (killed with its process "
+                             f"group):\n{out[-6000:]}\n{err[-6000:]}") from None
+    finally:
+        if p.poll() is None:
+            _kill_group(p)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def launch(script_args: list[str], nprocs: int, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N ...` on CPU with a free master port; output captured."""
     cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port())] + script_args
@@ -27,14 +55,14 @@ def launch(script_args: list[str], nprocs: int, timeout: int = 400, env: dict | 
     e["PATH"] = os.path.dirname(PY) + os.pathsep + e.get("PATH", "")
     if env:
         e.update(env)
-    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    p = run_group(cmd, timeout, env=e)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
     return p
 
 
 def run(cmd: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    p = run_group(cmd, timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p

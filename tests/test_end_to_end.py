@@ -101,9 +101,8 @@ def test_train_pipe2_data2(setup):
 def test_world_size_mismatch_is_reported_before_training(setup):
     root, data = setup
     cfg = write_config(root, data, "bad", [2, 2], 2, 1, 1)
-    import subprocess
-    from tests.helpers import DEEPSPEED, free_port
-    p = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train_pp.py",
-                        "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    from tests.helpers import DEEPSPEED, free_port, run_group
+    p = run_group([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train_pp.py",
+                   "--config", str(cfg)], 300)
     assert p.returncode != 0
     assert "needs 4 processes, but 2 were launched" in p.stdout + p.stderr

@@ -20,7 +20,7 @@ import yaml
 from ppllm import checkpoint as ckpt
 from ppllm import claim, ds_compat
 from tests.fault_helpers import Streamed, kill_leftovers, rank_pid, wait_gone
-from tests.helpers import DEEPSPEED, PY, REPO, free_port, launch, tiny_pipeline_model
+from tests.helpers import DEEPSPEED, PY, REPO, free_port, launch, run_group, tiny_pipeline_model
 
 TEXTS = [f"Line {i}: a {w} crossed the {v} before the evening rain started to fall." for i, (w, v) in
          enumerate([("cat", "road"), ("dog", "yard"), ("fox", "field"), ("owl", "barn"), ("hen", "lane"),
@@ -214,7 +214,7 @@ def launch_raw(config: str, *args, timeout: int = 300) -> subprocess.CompletedPr
            *args]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PATH"] = os.path.dirname(PY) + os.pathsep + env.get("PATH", "")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, timeout, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ error printed once by rank 0 with a non-zero exit (the dry run says the same).""
 import json
 import os
 import re
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
-from tests.helpers import DEEPSPEED, PY, REPO, free_port, launch, read_metrics, run, tiny_pipeline_model
+from tests.helpers import DEEPSPEED, PY, REPO, free_port, launch, read_metrics, run, run_group, tiny_pipeline_model
 
 pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
 
@@ -124,7 +123,7 @@ def test_data_error_at_launch_is_one_line_from_rank0_like_the_dry_run(model):
     cfg = config(root, pp, fresh, "bad", eval_data_path=str(bad), eval_interval=5)
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train_pp.py", "--config", str(cfg)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PPLLM_DATA_WORKERS="2")
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    p = run_group(cmd, 240, env=env)
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert f"data: preparing {fresh} " in out and "with 2 tokenizing process(es) on rank 0" in out, out
