@@ -180,6 +180,12 @@ def grad_accumulation_dtype(engine) -> torch.dtype | None:
     return None
 
 
+def gradient_reduce_dtype(engine) -> torch.dtype:
+    """The dtype of DeepSpeed's data-parallel gradient all-reduce (its ``communication_data_type``:
+    the weights' dtype unless the config sets it; the pipeline's bf16 path casts its fp32 sums to it)."""
+    return engine.communication_data_type
+
+
 def master_weights_dtype(engine) -> torch.dtype | None:
     """The dtype of the weights the optimizer updates (the bf16 optimizer's flat master copy)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer

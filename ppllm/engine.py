@@ -33,6 +33,10 @@ def ds_config(cfg) -> dict:
     if route.grad_accum_dtype is not None:
         ds.setdefault("data_types", {})["grad_accum_dtype"] = route.grad_accum_dtype
         ds.setdefault("zero_optimization", {})["stage"] = route.zero_stage
+    if route.reduce_dtype is not None:
+        # DeepSpeed's data-parallel gradient all-reduce runs in the weights' dtype unless told: with bf16
+        # it would round the fp32 sums to bf16 once per step, on every replica's share
+        ds.setdefault("communication_data_type", route.reduce_dtype)
     opt = ds.get("optimizer")
     if opt and opt.get("type", "").lower() in ("adam", "adamw"):
         params = opt.setdefault("params", {})
@@ -69,14 +73,17 @@ class PrecisionRoute:
     precision: str
     zero_stage: int
     grad_accum_dtype: str | None
+    reduce_dtype: str | None = None  # DeepSpeed's communication_data_type (None: the weights' dtype)
 
     def describe(self) -> str:
         if self.precision == "fp32":
             return "precision fp32: weights, gradients and optimizer state in fp32"
         acc = self.grad_accum_dtype or self.precision
+        red = self.reduce_dtype or self.precision
         return (f"precision {self.precision}: {self.precision} weights and activations, fp32 master weights and "
                 f"optimizer state, gradients accumulated in {acc}" + (f" (ZeRO stage {self.zero_stage})"
-                                                                       if self.zero_stage else ""))
+                                                                       if self.zero_stage else "")
+                + f", reduced across data replicas in {red}")
 
 
 def precision_route(cfg) -> PrecisionRoute:
@@ -88,11 +95,14 @@ def precision_route(cfg) -> PrecisionRoute:
     zero = cfg.ds.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
     asked = (cfg.ds.get("data_types") or {}).get("grad_accum_dtype")
+    comm = cfg.ds.get("communication_data_type")
     if precision != "bf16" or (zero.get("offload_optimizer") or {}).get("device") == "cpu":
-        return PrecisionRoute(precision, stage, asked)
+        return PrecisionRoute(precision, stage, asked, comm)
     if asked in (None, "fp32"):
-        return PrecisionRoute(precision, max(stage, 1), "fp32")
-    return PrecisionRoute(precision, stage, asked)
+        # sums kept in fp32 are also reduced across replicas in fp32 (DeepSpeed would cast them to bf16
+        # for the all-reduce), unless the config chooses communication_data_type itself
+        return PrecisionRoute(precision, max(stage, 1), "fp32", comm or "fp32")
+    return PrecisionRoute(precision, stage, asked, comm)
 
 
 def param_groups(model: torch.nn.Module, no_decay: list[str]) -> list[dict]:
@@ -179,13 +189,18 @@ def check_precision(engine, ds_cfg: dict) -> None:
     want = (ds_cfg.get("data_types") or {}).get("grad_accum_dtype")
     if want is None or not engine.bfloat16_enabled():
         return
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", None: "?"}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", None: "?"}
     got = names.get(ds_compat.grad_accumulation_dtype(engine))
     if got != want:
         raise RuntimeError(f"DeepSpeed accumulates gradients in {got}, but the config asks for {want}")
+    reduce_want = ds_cfg.get("communication_data_type")
+    reduced = names.get(ds_compat.gradient_reduce_dtype(engine))
+    if reduce_want is not None and reduced != reduce_want:
+        raise RuntimeError(f"DeepSpeed reduces gradients across data replicas in {reduced}, but the config asks "
+                           f"for {reduce_want}")
     weights = {names.get(p.dtype, str(p.dtype)) for p in engine.module.parameters()}
     log0(f"engine: {'/'.join(sorted(weights))} weights, {names.get(ds_compat.master_weights_dtype(engine))} master "
-         f"weights, gradients summed in {got}")
+         f"weights, gradients summed in {got}, reduced across data replicas in {reduced}")
 
 
 def grad_norm(engine) -> float | None:

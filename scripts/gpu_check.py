@@ -210,8 +210,8 @@ def launch(device: str) -> str:
         if p.returncode != 0:
             raise RuntimeError(f"launch to step {steps} failed ({p.returncode}): {p.stdout[-1500:]} {p.stderr[-1500:]}")
         outs.append(p.stdout)
-    need = ["gradients summed in fp32", "resumed from"]
-    if "gradients summed in fp32" not in outs[0] or f"resumed from {save}/global_step4 at step 4" not in outs[1]:
+    need = ["gradients summed in fp32, reduced across data replicas in fp32", "resumed from"]
+    if "gradients summed in fp32, reduced across data replicas in fp32" not in outs[0] or f"resumed from {save}/global_step4 at step 4" not in outs[1]:
         raise RuntimeError(f"expected {need} in the launch logs: {outs[0][-800:]} {outs[1][-800:]}")
     metrics = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl")) if line.strip()]
     if [m["step"] for m in metrics] != list(range(1, 7)) or not all(math.isfinite(m["loss"]) for m in metrics):

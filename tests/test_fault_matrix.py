@@ -325,7 +325,7 @@ def test_dead_rank_named_and_save_path_claimed(tiny):
             a.text[-4000:]
         assert a.proc.returncode != 0 and "Traceback" not in a.text, a.text[-4000:]
         # DeepSpeed's launcher names the command of its last local rank, whichever rank died
-        assert re.search(r"--local_rank=1.* exits with return code = -9", a.text), a.text[-2000:]
+        assert re.search(r"--local_rank=1.* exits with return code = (-9|17)", a.text), a.text[-2000:]
         print(f"\nkill rank 0: {lost[0].strip()}")
     finally:
         a.kill_tree()

@@ -160,15 +160,19 @@ def test_bf16_accumulates_in_fp32_by_default_and_the_plan_counts_it(tmp_path, mo
     assert (route.precision, route.zero_stage, route.grad_accum_dtype) == ("bf16", 1, "fp32")
     ds = eng.ds_config(cfg)
     assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["zero_optimization"]["stage"] == 1
-    assert "gradients accumulated in fp32 (ZeRO stage 1)" in route.describe()
+    assert ds["communication_data_type"] == "fp32"  # the sums are not cast to bf16 for the all-reduce
+    assert "gradients accumulated in fp32 (ZeRO stage 1), reduced across data replicas in fp32" in route.describe()
     setup = setup_from_config(cfg)
     assert (setup.zero_stage, setup.grad_accum_dtype) == (1, "fp32")
     # asked for bf16 sums explicitly: kept, and said
     cfg = _cfg(tmp_path, data_types={"grad_accum_dtype": "bf16"}, zero_optimization={"stage": 0})
-    assert eng.precision_route(cfg).describe().endswith("gradients accumulated in bf16")
+    # (the shipped config's communication_data_type: fp32 stays what it says)
+    assert eng.precision_route(cfg).describe().endswith("gradients accumulated in bf16, reduced across data "
+                                                         "replicas in fp32")
     # the shipped config states the route itself
     shipped = yaml.safe_load(open(os.path.join(REPO, "configs", "ds_config_pp.yml")))
     assert shipped["data_types"]["grad_accum_dtype"] == "fp32" and shipped["zero_optimization"]["stage"] == 1
+    assert shipped["communication_data_type"] == "fp32"
 
 
 def test_bf16_on_a_device_without_bf16_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -219,7 +223,7 @@ def test_torchrun_on_two_nodes_trains_bf16_then_one_node_resumes_and_exports(tmp
     assert "launched by torchrun: 2 processes, rank 0 on cpu" in out, out
     assert "gradients accumulated in fp32 (ZeRO stage 1)" in out, out
     # read off the engine DeepSpeed built, not the config
-    assert "engine: bf16 weights, fp32 master weights, gradients summed in fp32" in out, out
+    assert "engine: bf16 weights, fp32 master weights, gradients summed in fp32, reduced across data replicas in fp32" in out, out
     cfg.write_text(yaml.safe_dump({**base, "max_steps": 5}))
     out = _torchrun(cfg)
     assert f"resumed from {tmp_path / 'run' / 'global_step3'} at step 3" in out, out
