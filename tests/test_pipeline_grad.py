@@ -104,6 +104,12 @@ def check(out_dir, sc, model_dir):
     biggest = 0.0
     for path in dumps:
         d = torch.load(path, weights_only=False)
+        if sc.get("schedule") == "zb-h1":  # the weight gradients really went through the W's
+            zb = d["zb"]
+            assert zb["linears"] > 0 and zb["w_passes"] == sc["gas"], (sc["name"], path, zb)
+            assert zb["deferred"] == zb["linears"] * sc["gas"], (sc["name"], path, zb)
+        else:
+            assert d["zb"] is None, (sc["name"], path)
         torch.testing.assert_close(d["loss"], ref_loss, rtol=0, atol=1e-5, msg=lambda m: f"{sc['name']} loss: {m}")
         torch.testing.assert_close(d["grad_norm"], ref_norm, rtol=0, atol=1e-5 * max(1.0, ref_norm),
                                    msg=lambda m: f"{sc['name']} grad norm: {m}")
@@ -132,6 +138,14 @@ SCEN_2 = [
      "optimizer": "Lion", "lr": 0.01},
     # bloom: TiedLayerSpec embedding/head across the two stages, embedding LayerNorm, ALiBi
     {"name": "p2_bloom", "model": "bloom", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 17, "clip": 0.5},
+    # ZB-H1 (schedule: zb-h1): the same step with each backward split into B and deferred W's
+    {"name": "p2_zb_tied", "model": "tied", "pipe": 2, "data": 1, "mbs": 1, "gas": 4, "seed": 12, "schedule": "zb-h1"},
+    {"name": "p2_zb_ckpt", "model": "untied", "pipe": 2, "data": 1, "mbs": 2, "gas": 3, "seed": 13, "grad_ckpt": True,
+     "schedule": "zb-h1"},
+    {"name": "p2_zb_clip", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 15, "clip": 0.5,
+     "schedule": "zb-h1"},
+    {"name": "p2_zb_bloom_m1", "model": "bloom", "pipe": 2, "data": 1, "mbs": 2, "gas": 1, "seed": 17, "clip": 0.5,
+     "schedule": "zb-h1", "grad_ckpt": True},
 ]
 SCEN_4 = [
     {"name": "p2d2_untied", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 21},
@@ -142,6 +156,11 @@ SCEN_4 = [
      "offload": True, "optimizer": "Adam", "lr": 1e-3},
     {"name": "p2d2_bloom", "model": "bloom", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 26},
     {"name": "p2d2_baichuan_z", "model": "baichuan_z", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 27},
+    {"name": "p2d2_zb_tied", "model": "tied", "pipe": 2, "data": 2, "mbs": 1, "gas": 3, "seed": 22, "schedule": "zb-h1"},
+    {"name": "p2d2_zb_ckpt_clip", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 23, "clip": 0.5,
+     "grad_ckpt": True, "schedule": "zb-h1"},
+    {"name": "p2d2_zb_baichuan_z", "model": "baichuan_z", "pipe": 2, "data": 2, "mbs": 2, "gas": 4, "seed": 27,
+     "schedule": "zb-h1"},
 ]
 
 
