@@ -501,7 +501,8 @@ def zb_h1_stats(engine) -> dict | None:
 def use_zb_h1(engine) -> int:
     """Run this engine's training steps under ZB-H1 (plain fp32 path: no bf16/fp16 optimizer, no ZeRO,
     which ppllm.config refuses beside ``schedule: zb-h1``). Every plain ``nn.Linear`` of the stage whose
-    weight trains defers its weight gradient. Returns the number of such linear layers."""
+    weight trains (under LoRA: the adapters; LoRALinear's frozen base is left alone) defers its weight
+    gradient. Returns the number of such linear layers."""
     import types
 
     from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -509,7 +510,7 @@ def use_zb_h1(engine) -> int:
         raise ValueError("schedule zb-h1 runs on the plain fp32 path only (no bf16/fp16, no ZeRO)")
     n = 0
     for m in engine.module.modules():
-        if type(m) is torch.nn.Linear:
+        if type(m) is torch.nn.Linear and m.weight.requires_grad:  # under LoRA: the adapters
             m.forward = types.MethodType(_deferred_linear_forward, m)
             n += 1
     queues: dict[int, list] = {}
