@@ -380,8 +380,8 @@ def load_safely(engine) -> None:
 # micro-batch's queue into weight (and bias) gradients. The F/B order and every send/receive stay
 # DeepSpeed's own 1F1B order (so the blocking point-to-point pairs match as before, and each stage
 # keeps at most p - s micro-batches' activations); the W's go where ppllm.schedule_sim's greedy
-# ZB-H1 timeline (equal F, B, W costs) puts them: into the gaps where a stage waits, and after its
-# last B. Everything else (embeddings, norms, the chunked loss with its head, LoRA's frozen base) gets
+# ZB-H1 timeline (equal F, B, W costs, at most p deferred W's per stage) puts them: one after each B
+# in the steady state, into the gaps where a stage waits, and after its last B. Everything else (embeddings, norms, the chunked loss with its head, LoRA's frozen base) gets
 # its gradient in B. ReduceTiedGrads, ReduceGrads and OptimizerStep follow the last W.
 
 from deepspeed.runtime.pipe import schedule as _ds_schedule  # noqa: E402
@@ -401,11 +401,18 @@ class WeightPass(_ds_schedule.PipeInstruction):
         super().__init__(micro_batch=micro_batch, **kwargs)
 
 
+def zb_h1_timeline(stages: int, micro_batches: int) -> list:
+    """The ZB-H1 timeline of :func:`ppllm.schedule_sim.simulate` this schedule follows: equal F, B, W
+    costs, at most ``stages`` deferred W's per stage (the same step time as unbounded deferral with
+    equal costs, and memory for deferred W's that does not grow with m)."""
+    from ppllm.schedule_sim import simulate
+    return simulate("zb-h1", stages, micro_batches, 1.0, 1.0, 1.0, w_cap=stages)
+
+
 def zb_h1_w_slots(stages: int, micro_batches: int, stage_id: int) -> list[int]:
     """For each W of this stage (micro-batch order), how many of the stage's F/B operations precede it
-    in the ZB-H1 timeline of :func:`ppllm.schedule_sim.simulate` with equal costs."""
-    from ppllm.schedule_sim import simulate
-    timeline = simulate("zb-h1", stages, micro_batches, 1.0, 1.0, 1.0).timeline[stage_id]
+    in :func:`zb_h1_timeline`."""
+    timeline = zb_h1_timeline(stages, micro_batches).timeline[stage_id]
     slots, fb = [], 0
     for op, _, _, _ in timeline:
         if op == "W":

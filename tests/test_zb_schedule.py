@@ -10,7 +10,7 @@ import itertools
 import pytest
 from deepspeed.runtime.pipe import schedule as S
 
-from ppllm.ds_compat import BackwardInput, WeightPass, ZBH1Schedule
+from ppllm.ds_compat import BackwardInput, WeightPass, ZBH1Schedule, zb_h1_timeline
 from ppllm.schedule_sim import simulate
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,8 +56,14 @@ def test_counts_order_and_activations_in_flight(p, m):
             held += {"F": 1, "B": -1, "W": 0}[o]
             peak = max(peak, held)
         assert peak == min(m, p - s) == simulate("1f1b", p, m, 1, 1, 1).peak_in_flight[s]
-        # the W's sit where the simulator's ZB-H1 timeline has them, F/B as in its timeline
-        assert seq == [(o, i) for o, i, _, _ in simulate("zb-h1", p, m, 1, 1, 1).timeline[s]]
+        # the W's sit where the simulator's ZB-H1 timeline has them, F/B as in its timeline; at most p
+        # deferred W's (B done, W not yet) at any time
+        assert seq == [(o, i) for o, i, _, _ in simulate("zb-h1", p, m, 1, 1, 1, w_cap=p).timeline[s]]
+        pending = peak_w = 0
+        for o, _ in seq:
+            pending += {"F": 0, "B": 1, "W": -1}[o]
+            peak_w = max(peak_w, pending)
+        assert peak_w == zb_h1_timeline(p, m).peak_pending_w[s] <= min(p, m)
 
 
 @pytest.mark.parametrize("p,m", SHAPES)
@@ -118,9 +124,12 @@ def test_all_stages_run_to_the_end_with_blocking_transfers(p, m):
             assert len(recv_g) == m and all(r < b for r, b in zip(recv_g, b_at))
 
 
-def test_the_simulator_predicts_a_smaller_bubble_than_1f1b():
-    for p, m in itertools.product((2, 4, 8), (2, 4, 8, 16)):
-        assert simulate("zb-h1", p, m, 1, 1, 1).step_time < simulate("1f1b", p, m, 1, 1, 1).step_time
+def test_bounding_deferred_ws_keeps_the_step_time_with_equal_costs():
+    for p, m in itertools.product((2, 3, 4, 8), range(1, 33)):
+        bounded = zb_h1_timeline(p, m)
+        assert bounded.step_time == pytest.approx(simulate("zb-h1", p, m, 1, 1, 1).step_time)
+        assert bounded.step_time < simulate("1f1b", p, m, 1, 1, 1).step_time
+        assert max(bounded.peak_pending_w) <= p
 
 
 def test_metrics_bubble_reports_the_schedule_in_use():
