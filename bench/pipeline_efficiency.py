@@ -60,11 +60,17 @@ def run(cfg_path: str, nprocs: int, threads: int, profile_dir: str | None = None
     return wall
 
 
-def run_peak(cfg_path: str, nprocs: int, threads: int, folder: str) -> tuple[float, list[float]]:
-    """A run with each rank's peak resident memory recorded (bench/_peak_rss.py): (wall, [MB per rank])."""
+def run_peak(cfg_path: str, nprocs: int, threads: int, folder: str, profile_dir: str | None = None,
+             skip: int = 3) -> tuple[float, list[float]]:
+    """A run with each rank's peak resident memory recorded (bench/_peak_rss.py; with ``profile_dir``
+    through bench/_pipe_profile.py, every pipeline instruction timed): (wall, [MB per rank])."""
     import json
-    _, wall = launch(["bench/_peak_rss.py", "--config", cfg_path, "--quiet"], nprocs, threads=threads,
-                     env={"PPLLM_PEAK_RSS": folder})
+    env = {"PPLLM_PEAK_RSS": folder}
+    script = "bench/_peak_rss.py"
+    if profile_dir:
+        script = "bench/_pipe_profile.py"
+        env.update(PPLLM_PIPE_PROFILE=profile_dir, PPLLM_PIPE_PROFILE_SKIP=str(skip))
+    _, wall = launch([script, "--config", cfg_path, "--quiet"], nprocs, threads=threads, env=env)
     peaks = []
     for r in range(nprocs):
         with open(os.path.join(folder, f"rank{r}.json")) as f:
@@ -84,7 +90,8 @@ def compare_schedules(a, s: dict, tmp: str) -> None:
                 save = os.path.join(tmp, f"{kind}_m{m}_r{r}")
                 extra = {"schedule": kind} if kind != "single" else None
                 cfg = write_run_config(save + ".yml", save_path=save, dims=dims, extra=extra, **common)
-                wall, peak = run_peak(cfg, dims[0], a.threads, save + "_rss")
+                prof = save + "_profile" if a.profile else None
+                wall, peak = run_peak(cfg, dims[0], a.threads, save + "_rss", prof, a.warmup)
                 recs = read_metrics(save)
                 if tokens is None:
                     tokens = [x["tokens"] for x in recs]
@@ -95,6 +102,8 @@ def compare_schedules(a, s: dict, tmp: str) -> None:
                 log(f"round {r + 1} m={m}: {kind:6s} {median(steps):.3f} s/step (median of {len(steps)}, min "
                     f"{min(steps):.3f}); peak RSS per rank {', '.join(f'{x:.0f}' for x in peak)} MB; bubble field "
                     f"{recs[-1]['bubble']}; wall {wall:.1f} s; {load_note()}")
+                if prof:
+                    print_profile(f"{kind} m={m}", prof)
     result = []
     log("m  single s/step  1f1b s/step (speed-up)  zb-h1 s/step (speed-up)  1F1B bubble recovered  "
         "peak RSS MB per rank 1f1b | zb-h1 (max over rounds)")

@@ -140,3 +140,60 @@ def test_metrics_bubble_reports_the_schedule_in_use():
         assert zb == pytest.approx(simulate("zb-h1", p, m, 1, 1, 1).bubble)
         # the closed form: (p - 1)(F + B - W) idle per stage in a step of m(F + B + W) + (p - 1)(F + B - W)
         assert zb == pytest.approx((p - 1) / (3 * m + (p - 1)))
+
+
+def timed(streams, cost, buffered: bool, comm: float = 0.05) -> float:
+    """Step time of the stages' streams with ``cost(stage, instruction)`` seconds of compute each and
+    transfers of ``comm``: ``buffered`` sends return at once (the receive completes when both were
+    posted); otherwise a send and its receive complete together (gloo's blocking p2p)."""
+    p = len(streams)
+    at, t = [0] * p, [0.0] * p
+    posted, count = {}, {}
+    peer = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
+    while any(at[s] < len(streams[s]) for s in range(p)):
+        moved = False
+        for s in range(p):
+            if at[s] >= len(streams[s]):
+                continue
+            c = streams[s][at[s]]
+            kind = type(c)
+            if kind in peer and buffered:
+                n = count[s, kind] = count.get((s, kind), 0) + 1
+                posted[s + peer[kind][0], peer[kind][1], n] = t[s]
+                at[s] += 1
+                moved = True
+            elif kind in peer:
+                o = s + peer[kind][0]
+                if at[o] < len(streams[o]) and type(streams[o][at[o]]) is peer[kind][1]:
+                    t[s] = t[o] = max(t[s], t[o]) + comm
+                    at[s] += 1
+                    at[o] += 1
+                    moved = True
+            elif kind in (S.RecvActivation, S.RecvGrad):
+                if buffered:
+                    n = count.get((s, kind), 0) + 1
+                    if (s, kind, n) in posted:
+                        count[s, kind] = n
+                        t[s] = max(t[s], posted[s, kind, n] + comm)
+                        at[s] += 1
+                        moved = True
+            else:
+                t[s] += cost(s, c)
+                at[s] += 1
+                moved = True
+        assert moved, "deadlock"
+    return max(t)
+
+
+@pytest.mark.parametrize("f,b,w", [(1.0, 1.0, 1.0), (1.0, 1.0, 0.6), (1.0, 0.8, 0.5)])
+@pytest.mark.parametrize("buffered", [False, True], ids=["blocking", "buffered"])
+def test_zb_h1_streams_are_never_slower_than_1f1b(f, b, w, buffered):
+    def cost(s, c):
+        return {S.ForwardPass: f, S.BackwardPass: b + w, BackwardInput: b, WeightPass: w}.get(type(c), 0.0)
+    for p in (2, 3, 4):
+        for m in (1, 2, p, 2 * p, 4 * p):
+            one = timed([stream(S.TrainSchedule(m, p, s)) for s in range(p)], cost, buffered)
+            zb = timed([stream(ZBH1Schedule(m, p, s)) for s in range(p)], cost, buffered)
+            assert zb <= one + 1e-9, (p, m, zb, one)
+            if m >= 2:
+                assert zb < one - 1e-9, (p, m, zb, one)  # and it gains something
