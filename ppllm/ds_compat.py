@@ -506,7 +506,8 @@ def _deferred_linear_forward(self, x):
 
 
 def zb_h1_stats(engine) -> dict | None:
-    """{linears, w_passes, deferred, peak_pending_w} of an engine under ZB-H1, None under 1F1B."""
+    """{linears, w_passes, deferred, peak_pending_w, peak_pending_mb (storage the queued inputs and output
+    gradients hold)} of an engine under ZB-H1, None under 1F1B."""
     stats = getattr(engine, "ppllm_zb_stats", None)
     return dict(stats) if stats is not None else None
 
@@ -544,6 +545,10 @@ def use_zb_h1(engine) -> int:
         reused = {t.untyped_storage().data_ptr() for t in received if torch.is_tensor(t)}
         queues[micro_batch] = [(w, b, x, g.clone() if g.untyped_storage().data_ptr() in reused else g)
                                for w, b, x, g in queue]
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for q in queues.values() for _, _, x, g in q for t in (x, g)}
+        stats["peak_pending_w"] = max(stats["peak_pending_w"], len(queues))
+        stats["peak_pending_mb"] = max(stats["peak_pending_mb"], sum(held.values()) / 2 ** 20)
 
     def _exec_weight_pass(self, micro_batch):
         queue = queues.pop(micro_batch)
@@ -551,7 +556,6 @@ def use_zb_h1(engine) -> int:
             _weight_grads(weight, bias, x, g)
         stats["w_passes"] += 1
         stats["deferred"] += len(queue)
-        stats["peak_pending_w"] = max(stats["peak_pending_w"], len(queues) + 1)
 
     def train_schedule():
         if queues:
@@ -561,6 +565,6 @@ def use_zb_h1(engine) -> int:
     engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, BackwardInput: _exec_backward_input,
                                WeightPass: _exec_weight_pass}
     engine._train_schedule = train_schedule
-    stats = {"linears": n, "w_passes": 0, "deferred": 0, "peak_pending_w": 0}
+    stats = {"linears": n, "w_passes": 0, "deferred": 0, "peak_pending_w": 0, "peak_pending_mb": 0.0}
     engine.ppllm_zb_stats = stats  # what the W's did since the engine was built (tests, benchmarks)
     return n
