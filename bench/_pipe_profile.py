@@ -71,8 +71,7 @@ if __name__ == "__main__":
     install(out, int(os.environ.get("PPLLM_PIPE_PROFILE_SKIP", "3")))
     if os.environ.get("PPLLM_PEAK_RSS"):  # pipeline_efficiency.py --schedule --profile: peak memory as well
         import atexit
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _peak_rss import write
+        from _peak_rss import write  # bench/ is this script's folder, first on sys.path
         os.makedirs(os.environ["PPLLM_PEAK_RSS"], exist_ok=True)
         atexit.register(write)
     sys.argv[0] = os.path.join(REPO, "train_pp.py")

@@ -381,8 +381,9 @@ def load_safely(engine) -> None:
 # DeepSpeed's own 1F1B order (so the blocking point-to-point pairs match as before, and each stage
 # keeps at most p - s micro-batches' activations); the W's go where ppllm.schedule_sim's greedy
 # ZB-H1 timeline (equal F, B, W costs, at most p deferred W's per stage) puts them: one after each B
-# in the steady state, into the gaps where a stage waits, and after its last B. Everything else (embeddings, norms, the chunked loss with its head, LoRA's frozen base) gets
-# its gradient in B. ReduceTiedGrads, ReduceGrads and OptimizerStep follow the last W.
+# in the steady state, into the gaps where a stage waits, and after its last B. Everything else
+# (embeddings, norms, the chunked loss with its head, LoRA's frozen base) gets its gradient in B.
+# ReduceTiedGrads, ReduceGrads and OptimizerStep follow the last W.
 
 from deepspeed.runtime.pipe import schedule as _ds_schedule  # noqa: E402
 
