@@ -53,10 +53,26 @@ def install(out_dir: str, skip: int) -> None:
         return out
     PipelineEngine.train_batch = counted
 
+    # ZB-H1's B and W handlers live on the engine instance (ppllm.ds_compat.use_zb_h1): time them too
+    from ppllm import ds_compat
+    use_zb_h1 = ds_compat.use_zb_h1
+
+    def use_zb_h1_timed(engine):
+        n = use_zb_h1(engine)
+        for cls in (ds_compat.BackwardInput, ds_compat.WeightPass):
+            engine._INSTRUCTION_MAP[cls] = wrap(engine._INSTRUCTION_MAP[cls])
+        return n
+    ds_compat.use_zb_h1 = use_zb_h1_timed
+
 
 if __name__ == "__main__":
     out = os.environ["PPLLM_PIPE_PROFILE"]
     os.makedirs(out, exist_ok=True)
     install(out, int(os.environ.get("PPLLM_PIPE_PROFILE_SKIP", "3")))
+    if os.environ.get("PPLLM_PEAK_RSS"):  # pipeline_efficiency.py --schedule --profile: peak memory as well
+        import atexit
+        from _peak_rss import write  # bench/ is this script's folder, first on sys.path
+        os.makedirs(os.environ["PPLLM_PEAK_RSS"], exist_ok=True)
+        atexit.register(write)
     sys.argv[0] = os.path.join(REPO, "train_pp.py")
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -30,6 +30,12 @@ backward, one process each, fp32 on the CPU) chunked and unchunked, at ``--loss-
     python bench/pipeline_efficiency.py --vocab 8016                 # the large-vocabulary case
     python bench/pipeline_efficiency.py --loss-memory                # vocab 128256, hidden 512, seq 2048
     python bench/pipeline_efficiency.py --calibrate                  # head + loss vs a decoder layer, timed
+    python bench/pipeline_efficiency.py --schedule [--m-list 2 4 8]  # 1F1B against ZB-H1 at pipe=2
+
+``--schedule`` runs, for each m of ``--m-list``, one process, pipe=2 under ``schedule: 1f1b`` and pipe=2
+under ``schedule: zb-h1``, alternating within each round, and prints each schedule's speed-up over one
+process, the share of 1F1B's bubble ZB-H1 recovers ((t_1f1b - t_zb) / (t_1f1b - t_single / 2)), and each
+rank's peak resident memory; its last line is ``RESULT zb_speedup_m<m>=... ...``.
 
 The last line is ``RESULT pipeline_efficiency=<fraction> ...``.
 """
@@ -52,6 +58,66 @@ def run(cfg_path: str, nprocs: int, threads: int, profile_dir: str | None = None
         env = {"PPLLM_PIPE_PROFILE": profile_dir, "PPLLM_PIPE_PROFILE_SKIP": str(skip)}
     _, wall = launch([script, "--config", cfg_path, "--quiet"], nprocs, threads=threads, env=env)
     return wall
+
+
+def run_peak(cfg_path: str, nprocs: int, threads: int, folder: str, profile_dir: str | None = None,
+             skip: int = 3) -> tuple[float, list[float]]:
+    """A run with each rank's peak resident memory recorded (bench/_peak_rss.py; with ``profile_dir``
+    through bench/_pipe_profile.py, every pipeline instruction timed): (wall, [MB per rank])."""
+    import json
+    env = {"PPLLM_PEAK_RSS": folder}
+    script = "bench/_peak_rss.py"
+    if profile_dir:
+        script = "bench/_pipe_profile.py"
+        env.update(PPLLM_PIPE_PROFILE=profile_dir, PPLLM_PIPE_PROFILE_SKIP=str(skip))
+    _, wall = launch([script, "--config", cfg_path, "--quiet"], nprocs, threads=threads, env=env)
+    peaks = []
+    for r in range(nprocs):
+        with open(os.path.join(folder, f"rank{r}.json")) as f:
+            peaks.append(json.load(f)["peak_rss_mb"])
+    return wall, peaks
+
+
+def compare_schedules(a, s: dict, tmp: str) -> None:
+    """1F1B against ZB-H1 at pipe=2 for each m, with one process as the baseline, alternating."""
+    times = {(kind, m): [] for m in a.m_list for kind in ("single", "1f1b", "zb-h1")}
+    peaks = {key: [] for key in times}
+    for r in range(a.rounds):
+        for m in a.m_list:
+            common = dict(pp_dir=s["pp"], data=s["data"], seq=a.seq, mbs=a.micro_batch, gas=m, steps=a.steps)
+            tokens = None
+            for kind, dims in (("single", [1, 1]), ("1f1b", [2, 1]), ("zb-h1", [2, 1])):
+                save = os.path.join(tmp, f"{kind}_m{m}_r{r}")
+                extra = {"schedule": kind} if kind != "single" else None
+                cfg = write_run_config(save + ".yml", save_path=save, dims=dims, extra=extra, **common)
+                prof = save + "_profile" if a.profile else None
+                wall, peak = run_peak(cfg, dims[0], a.threads, save + "_rss", prof, a.warmup)
+                recs = read_metrics(save)
+                if tokens is None:
+                    tokens = [x["tokens"] for x in recs]
+                assert [x["tokens"] for x in recs] == tokens, "the runs saw different batches"
+                steps = steady([x["step_time"] for x in recs], a.warmup)
+                times[kind, m] += steps
+                peaks[kind, m].append(peak)
+                log(f"round {r + 1} m={m}: {kind:6s} {median(steps):.3f} s/step (median of {len(steps)}, min "
+                    f"{min(steps):.3f}); peak RSS per rank {', '.join(f'{x:.0f}' for x in peak)} MB; bubble field "
+                    f"{recs[-1]['bubble']}; wall {wall:.1f} s; {load_note()}")
+                if prof:
+                    print_profile(f"{kind} m={m}", prof)
+    result = []
+    log("m  single s/step  1f1b s/step (speed-up)  zb-h1 s/step (speed-up)  1F1B bubble recovered  "
+        "peak RSS MB per rank 1f1b | zb-h1 (max over rounds)")
+    for m in a.m_list:
+        t1, tf, tz = (median(times[k, m]) for k in ("single", "1f1b", "zb-h1"))
+        recovered = (tf - tz) / (tf - t1 / 2) if tf > t1 / 2 else float("nan")
+        pk = {k: [max(p[i] for p in peaks[k, m]) for i in range(2)] for k in ("1f1b", "zb-h1")}
+        log(f"{m:<2} {t1:13.3f}  {tf:11.3f} ({t1 / tf:.3f}x)  {tz:12.3f} ({t1 / tz:.3f}x)  {recovered:21.3f}  "
+            f"{pk['1f1b'][0]:.0f}, {pk['1f1b'][1]:.0f} | {pk['zb-h1'][0]:.0f}, {pk['zb-h1'][1]:.0f}")
+        result += [f"speedup_1f1b_m{m}={t1 / tf:.3f}", f"speedup_zb_m{m}={t1 / tz:.3f}",
+                   f"bubble_recovered_m{m}={recovered:.3f}",
+                   f"peak_mb_zb_over_1f1b_m{m}={max(pk['zb-h1']) / max(pk['1f1b']):.3f}"]
+    log(f"after the runs: {load_note()}")
+    log("RESULT " + " ".join(result))
 
 
 def print_profile(label: str, folder: str) -> None:
@@ -183,6 +249,8 @@ def main() -> None:
     p.add_argument("--loss-memory", action="store_true", help="only measure the head + loss peak memory")
     p.add_argument("--calibrate", action="store_true", help="only time one decoder layer and the head + loss "
                    "against the cost model")
+    p.add_argument("--schedule", action="store_true", help="1F1B against ZB-H1 at pipe=2 for each m of --m-list")
+    p.add_argument("--m-list", type=int, nargs="+", default=[2, 4, 8], help="micro-batches per step (--schedule)")
     p.add_argument("--loss-vocab", type=int, default=128256)
     p.add_argument("--loss-hidden", type=int, default=512)
     p.add_argument("--loss-seq", type=int, default=2048)
@@ -191,7 +259,7 @@ def main() -> None:
         return loss_memory(a)
     if a.calibrate:
         return calibrate()
-    m = a.micro_batches
+    m = max(a.m_list) if a.schedule else a.micro_batches
 
     tmp = a.keep or tempfile.mkdtemp(prefix="bench_pipe_")
     try:
@@ -204,6 +272,11 @@ def main() -> None:
                        model_vocab=a.vocab)
         common = dict(pp_dir=s["pp"], data=s["data"], seq=a.seq, mbs=a.micro_batch, gas=m, steps=a.steps)
         log(stage_split(s["pp"], a.seq, a.micro_batch, m))
+        if a.schedule:
+            log(f"model: llama hidden {a.hidden}, {a.layers} layers; {a.micro_batch} x {a.seq} tokens per "
+                f"micro-batch; m in {a.m_list}; {a.steps} steps ({a.warmup} warm-up) x {a.rounds} round(s); "
+                f"{a.threads} thread(s) per process; {load_note()}")
+            return compare_schedules(a, s, tmp)
         log(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab or 'of the tokenizer'}; {m} micro-batches of {a.micro_batch} x {a.seq} "
             f"tokens per step; {a.steps} steps ({a.warmup} warm-up) x {a.rounds} round(s); {a.threads} thread(s) "
             f"per process; {load_note()}")

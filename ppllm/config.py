@@ -197,6 +197,10 @@ class RunConfig(BaseModel):
     """layer init, data order; a whole number from 0 to 2**32 - 1"""
     use_grad_ckpt: bool = False
     """activation checkpointing of every decoder layer (non-reentrant)"""
+    schedule: Literal["1f1b", "zb-h1"] = "1f1b"
+    """pipeline schedule: `1f1b` (DeepSpeed's) or `zb-h1` (zero-bubble: each backward split into the input's
+    gradient and the linear weights' gradients, the latter deferred into the bubbles; 1F1B's activations in
+    flight, plus the deferred weight-gradient inputs). `zb-h1` needs fp32 without ZeRO (see Pipeline schedules)"""
     use_flash_attn: bool = False
     """flash-attn 2 varlen kernels on CUDA in bf16/fp16 when installed (bloom through its ALiBi slopes); otherwise
     `attention`, with one notice"""
@@ -510,6 +514,7 @@ def validate(raw: dict, source: str, world_size: int | None = None, check_paths:
     problems += check_launchable(ds)
     if run is not None:
         problems += _check_precision(ds, run)
+        problems += _check_schedule(ds, run)
     if run is not None:
         pipe, data = run.model_topo.process_topology.dims
         if world_size is not None and pipe * data != world_size:
@@ -536,6 +541,24 @@ def _check_precision(ds: dict, run: RunConfig) -> list[str]:
     if explicit and run.precision not in ("auto", explicit[0]):
         return [f"precision: {run.precision} conflicts with the DeepSpeed section {explicit[0]}.enabled: true; "
                 f"keep one of them"]
+    return []
+
+
+def _check_schedule(ds: dict, run: RunConfig) -> list[str]:
+    """ZB-H1 defers weight gradients past DeepSpeed's bf16/fp16 optimizers' and ZeRO's gradient handling,
+    so it runs on the plain fp32 path only."""
+    if run.schedule != "zb-h1":
+        return []
+    explicit = [k for k in ("bf16", "fp16") if isinstance(ds.get(k), dict) and ds[k].get("enabled")]
+    precision = explicit[0] if explicit else run.precision
+    if precision == "auto":
+        from ppllm.launch import accelerator_name
+        precision = "fp32" if accelerator_name() == "cpu" else "bf16"
+    zero = int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
+    if precision != "fp32" or zero:
+        what = f"precision {precision}" if precision != "fp32" else f"zero_optimization.stage {zero}"
+        return [f"schedule: zb-h1 runs in fp32 without ZeRO only, not with {what}; use schedule: 1f1b, or "
+                f"precision: fp32 without zero_optimization"]
     return []
 
 

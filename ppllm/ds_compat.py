@@ -377,3 +377,201 @@ def load_safely(engine) -> None:
     """Make every checkpoint file this engine reads go through the restricted unpickler."""
     if not isinstance(engine.checkpoint_engine, _SafeCheckpointEngine):
         engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)
+
+
+# --- ZB-H1: the backward split into B (input gradient) and W (weight gradient) (issue 23) ---------
+# DeepSpeed's TrainSchedule runs each micro-batch's whole backward in one BackwardPass. Under ZB-H1
+# the linear layers' weight gradients are deferred: their backward returns the input's gradient only
+# and queues (input, output gradient) per micro-batch; a WeightPass instruction later turns a
+# micro-batch's queue into weight (and bias) gradients. The F/B order and every send/receive stay
+# DeepSpeed's own 1F1B order (so the blocking point-to-point pairs match as before, and each stage
+# keeps at most p - s micro-batches' activations); the W's go where ppllm.schedule_sim's greedy
+# ZB-H1 timeline (equal F, B, W costs, at most p deferred W's per stage) puts them: one after each B
+# in the steady state, into the gaps where a stage waits, and after its last B. Everything else
+# (embeddings, norms, the chunked loss with its head, LoRA's frozen base) gets its gradient in B.
+# ReduceTiedGrads, ReduceGrads and OptimizerStep follow the last W.
+
+from deepspeed.runtime.pipe import schedule as _ds_schedule  # noqa: E402
+
+
+class BackwardInput(_ds_schedule.BackwardPass):
+    """B of micro-batch ``micro_batch``: its backward with the linear weights' gradients queued."""
+
+    def __init__(self, buffer_id, micro_batch, **kwargs):
+        super().__init__(buffer_id, micro_batch=micro_batch, **kwargs)
+
+
+class WeightPass(_ds_schedule.PipeInstruction):
+    """W of micro-batch ``micro_batch``: the weight gradients its B queued."""
+
+    def __init__(self, micro_batch, **kwargs):
+        super().__init__(micro_batch=micro_batch, **kwargs)
+
+
+def zb_h1_timeline(stages: int, micro_batches: int) -> list:
+    """The ZB-H1 timeline of :func:`ppllm.schedule_sim.simulate` this schedule follows: equal F, B, W
+    costs, at most ``stages`` deferred W's per stage (the same step time as unbounded deferral with
+    equal costs, and memory for deferred W's that does not grow with m)."""
+    from ppllm.schedule_sim import simulate
+    return simulate("zb-h1", stages, micro_batches, 1.0, 1.0, 1.0, w_cap=stages)
+
+
+def zb_h1_w_slots(stages: int, micro_batches: int, stage_id: int) -> list[int]:
+    """For each W of this stage (micro-batch order), how many of the stage's F/B operations precede it
+    in :func:`zb_h1_timeline`."""
+    timeline = zb_h1_timeline(stages, micro_batches).timeline[stage_id]
+    slots, fb = [], 0
+    for op, _, _, _ in timeline:
+        if op == "W":
+            slots.append(fb)
+        else:
+            fb += 1
+    return slots
+
+
+class ZBH1Schedule(_ds_schedule.TrainSchedule):
+    """DeepSpeed's 1F1B steps with each BackwardPass as a :class:`BackwardInput` and the deferred
+    :class:`WeightPass` instructions inserted into the steps (W needs no communication, so the
+    send/receive pairing of 1F1B is untouched).
+
+    DeepSpeed's transfers block until the peer takes them (gloo's sends wait for the receive), so where
+    a W goes inside a step matters. On stage 0 a due W goes before the step's first receive (it fills
+    the wait for the gradient); on every later stage right before the step's compute, after its
+    transfers, so that it delays neither the gradient it sends upstream nor the receive of the
+    activation the stage before is blocked sending. tests/test_zb_schedule.py times both streams
+    with blocking and with buffered transfers: this placement is never slower than 1F1B in either."""
+
+    def steps(self):
+        slots = zb_h1_w_slots(self.stages, self.micro_batches, self.stage_id)
+        compute = (_ds_schedule.ForwardPass, _ds_schedule.BackwardPass, _ds_schedule.ReduceTiedGrads,
+                   _ds_schedule.ReduceGrads, _ds_schedule.OptimizerStep)
+        waits = compute if self.stage_id > 0 else compute + (
+            _ds_schedule.RecvActivation, _ds_schedule.RecvGrad, _ds_schedule.LoadMicroBatch)
+        fb_done, next_b, next_w = 0, 0, 0
+        for cmds in super().steps():
+            out = []
+            for cmd in cmds:
+                if isinstance(cmd, waits):
+                    while next_w < len(slots) and slots[next_w] <= fb_done:
+                        out.append(WeightPass(next_w))
+                        next_w += 1
+                if type(cmd) is _ds_schedule.BackwardPass:
+                    cmd = BackwardInput(cmd.buffer_id, next_b)
+                    next_b += 1
+                if isinstance(cmd, (_ds_schedule.ForwardPass, _ds_schedule.BackwardPass)):
+                    fb_done += 1
+                out.append(cmd)
+            yield out
+        if next_w != len(slots) or next_b != self.micro_batches:
+            raise RuntimeError(f"ZB-H1 stage {self.stage_id}: {next_b} B and {next_w} W of {self.micro_batches}")
+
+
+class _WeightGradQueue:
+    """Where the deferred linear backward puts (weight, bias, input, output gradient) while a B runs."""
+    collecting: list | None = None
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def _weight_grads(weight, bias, x, g) -> None:
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    if weight is not None and weight.requires_grad:
+        _accumulate(weight, (g2.t() @ x2).to(weight.dtype))
+    if bias is not None and bias.requires_grad:
+        _accumulate(bias, g2.sum(0).to(bias.dtype))
+
+
+class _DeferredLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        # the parameters themselves on ctx, not through save_for_backward: activation checkpointing
+        # hands saved tensors back as detached copies, and W must add to the parameter's own .grad
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.bias = weight, bias
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,), weight = ctx.saved_tensors, ctx.weight
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        if _WeightGradQueue.collecting is not None:
+            _WeightGradQueue.collecting.append((weight, ctx.bias, x, g))
+        else:  # a backward outside a B (none in ppllm's own paths): the weight gradient at once
+            _weight_grads(weight, ctx.bias, x, g)
+        return grad_x, None, None
+
+
+def _deferred_linear_forward(self, x):
+    if torch.is_grad_enabled() and self.weight.requires_grad:
+        return _DeferredLinear.apply(x, self.weight, self.bias)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def zb_h1_stats(engine) -> dict | None:
+    """{linears, w_passes, deferred, peak_pending_w, peak_pending_mb (storage the queued inputs and output
+    gradients hold)} of an engine under ZB-H1, None under 1F1B."""
+    stats = getattr(engine, "ppllm_zb_stats", None)
+    return dict(stats) if stats is not None else None
+
+
+def use_zb_h1(engine) -> int:
+    """Run this engine's training steps under ZB-H1 (plain fp32 path: no bf16/fp16 optimizer, no ZeRO,
+    which ppllm.config refuses beside ``schedule: zb-h1``). Every plain ``nn.Linear`` of the stage whose
+    weight trains (under LoRA: the adapters; LoRALinear's frozen base is left alone) defers its weight
+    gradient. Returns the number of such linear layers."""
+    import types
+
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    if engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization():
+        raise ValueError("schedule zb-h1 runs on the plain fp32 path only (no bf16/fp16, no ZeRO)")
+    n = 0
+    for m in engine.module.modules():
+        if type(m) is torch.nn.Linear and m.weight.requires_grad:  # under LoRA: the adapters
+            m.forward = types.MethodType(_deferred_linear_forward, m)
+            n += 1
+    queues: dict[int, list] = {}
+
+    def _exec_backward_input(self, buffer_id, micro_batch):
+        if micro_batch in queues:
+            raise RuntimeError(f"ZB-H1: micro-batch {micro_batch} has a pending W already")
+        queue = []
+        _WeightGradQueue.collecting = queue
+        try:
+            PipelineEngine._exec_backward_pass(self, buffer_id)
+        finally:
+            _WeightGradQueue.collecting = None
+        # The output gradient DeepSpeed received from the next stage lives in a buffer the next RecvGrad
+        # overwrites (self.grad_layer); a linear whose output is the stage's output (or a residual
+        # sum's branch) gets that very tensor as its gradient. Keep a copy of it for the W.
+        received = self.grad_layer if isinstance(self.grad_layer, (list, tuple)) else [self.grad_layer]
+        reused = {t.untyped_storage().data_ptr() for t in received if torch.is_tensor(t)}
+        queues[micro_batch] = [(w, b, x, g.clone() if g.untyped_storage().data_ptr() in reused else g)
+                               for w, b, x, g in queue]
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for q in queues.values() for _, _, x, g in q for t in (x, g)}
+        stats["peak_pending_w"] = max(stats["peak_pending_w"], len(queues))
+        stats["peak_pending_mb"] = max(stats["peak_pending_mb"], sum(held.values()) / 2 ** 20)
+
+    def _exec_weight_pass(self, micro_batch):
+        queue = queues.pop(micro_batch)
+        for weight, bias, x, g in queue:
+            _weight_grads(weight, bias, x, g)
+        stats["w_passes"] += 1
+        stats["deferred"] += len(queue)
+
+    def train_schedule():
+        if queues:
+            raise RuntimeError(f"ZB-H1: W of micro-batches {sorted(queues)} never ran")
+        return ZBH1Schedule(micro_batches=engine.micro_batches, stages=engine.num_stages, stage_id=engine.stage_id)
+
+    engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, BackwardInput: _exec_backward_input,
+                               WeightPass: _exec_weight_pass}
+    engine._train_schedule = train_schedule
+    stats = {"linears": n, "w_passes": 0, "deferred": 0, "peak_pending_w": 0, "peak_pending_mb": 0.0}
+    engine.ppllm_zb_stats = stats  # what the W's did since the engine was built (tests, benchmarks)
+    return n

@@ -143,8 +143,10 @@ def lr_lambda(sched, total_steps: int):
 
 def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg: dict, seed: int,
                  grad_ckpt: bool, model_path: str | None, no_decay: list[str] | None = None,
-                 lr_scheduler=None, lora=None, attention: str = "blockwise", loss_chunk_bytes: int | None = None):
-    """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed.
+                 lr_scheduler=None, lora=None, attention: str = "blockwise", loss_chunk_bytes: int | None = None,
+                 schedule: str = "1f1b"):
+    """PipelineModule for this rank's stage (weights from model_path, or random) wrapped by DeepSpeed,
+    training under ``schedule`` (``1f1b``: DeepSpeed's TrainSchedule; ``zb-h1``: ds_compat.use_zb_h1).
     Returns (engine, loss_fn, topology)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -170,6 +172,10 @@ def build_engine(family, margs, bounds: list[int], pipe: int, data: int, ds_cfg:
                                            optimizer=optimizer, lr_scheduler=lr_scheduler)
     ds_compat.measure_grad_norm_before_step(engine)
     check_precision(engine, ds_cfg)
+    if schedule == "zb-h1":
+        ds_compat.use_zb_h1(engine)
+    elif schedule != "1f1b":
+        raise ValueError(f"schedule {schedule!r}: one of 1f1b, zb-h1")
     return engine, loss_fn, topo
 
 

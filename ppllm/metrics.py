@@ -34,9 +34,13 @@ def flops_per_token(family, margs, seq_len: int) -> float:
     return 6.0 * n + 12.0 * L * margs.hidden_size * seq_len
 
 
-def bubble_fraction(pipe: int, micro_batches: int) -> float:
-    """Idle share of a 1F1B schedule: (p - 1) / (m + p - 1)."""
-    return (pipe - 1) / (micro_batches + pipe - 1)
+def bubble_fraction(pipe: int, micro_batches: int, schedule: str = "1f1b") -> float:
+    """Idle share of the schedule in use with equal F, B and W costs: 1F1B (p - 1) / (m + p - 1); ZB-H1 from
+    ppllm.schedule_sim's timeline (its closed form (p - 1)(F + B - W) / step time for m >= p)."""
+    if schedule == "1f1b":
+        return (pipe - 1) / (micro_batches + pipe - 1)
+    from ppllm.schedule_sim import simulate
+    return simulate(schedule, pipe, micro_batches, 1.0, 1.0, 1.0).bubble
 
 
 def batch_counts(batches: list | None) -> list[float]:

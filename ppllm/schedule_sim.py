@@ -47,14 +47,18 @@ def _per_stage(x, p: int, name: str) -> list[float]:
     return values
 
 
-def simulate(schedule: str, p: int, m: int, f, b, w, comm: float = 0.0) -> Result:
+def simulate(schedule: str, p: int, m: int, f, b, w, comm: float = 0.0, w_cap=None) -> Result:
     """``f``, ``b``, ``w``: costs per stage (a number for all, or a list of ``p``); ``comm``: one
-    activation or gradient transfer between neighbouring stages."""
+    activation or gradient transfer between neighbouring stages. ``w_cap`` (ZB-H1; a number for all
+    stages or a list of ``p``): once a stage holds that many deferred W's, its next W goes before a new
+    F (default: no bound, F always first, so W's pile up to the end of the step). The pipeline's
+    ZB-H1 (``ppllm.ds_compat.ZBH1Schedule``) bounds them at ``p``: with equal costs the same step time."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     if p < 1 or m < 1:
         raise ValueError(f"p={p}, m={m}: both must be at least 1")
     f, b, w = _per_stage(f, p, "f"), _per_stage(b, p, "b"), _per_stage(w, p, "w")
+    cap = _per_stage(w_cap, p, "w_cap") if w_cap is not None else None
     split = schedule == "zb-h1"
     if not split:
         b, w = [bi + wi for bi, wi in zip(b, w)], [0.0] * p
@@ -86,7 +90,8 @@ def simulate(schedule: str, p: int, m: int, f, b, w, comm: float = 0.0) -> Resul
             elif f_end[s - 1][i] is not None:
                 options.append((f_end[s - 1][i] + comm, 1, "F"))
         if split and next_w[s] < next_b[s]:
-            options.append((b_end[s][next_w[s]], 2, "W"))
+            urgent = cap is not None and next_b[s] - next_w[s] >= cap[s]
+            options.append((b_end[s][next_w[s]], -1 if urgent else 2, "W"))
         if not options:
             return None
         start = min(max(t, free_at[s]) for t, _, _ in options)

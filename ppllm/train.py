@@ -81,7 +81,7 @@ def setup(cfg: Config) -> Run:
     engine, _, _ = eng.build_engine(family, margs, bounds, cfg.pipe, cfg.data, ds, cfg.run.seed,
                                     cfg.run.use_grad_ckpt, None if cfg.run.from_scratch else cfg.run.model_path,
                                     cfg.run.no_decay, scheduler, cfg.run.lora, attention,
-                                    loss_chunk_bytes(cfg))
+                                    loss_chunk_bytes(cfg), cfg.run.schedule)
     if cfg.run.lora is not None:
         n_train = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in engine.module.parameters())
@@ -162,7 +162,7 @@ class StepLog:
         self.writer = MetricsWriter(cfg.run.save_path, cfg.run.tensorboard) if self.rank0 else None
         self.fpt = flops_per_token(run.family, run.margs, cfg.run.max_seq_len)
         self.peak = device_peak_tflops(cfg.run.peak_tflops)
-        self.bubble = bubble_fraction(cfg.pipe, cfg.grad_accum)
+        self.bubble = bubble_fraction(cfg.pipe, cfg.grad_accum, cfg.run.schedule)
         # a live bar on a terminal; plain log lines every log_interval steps otherwise (CI, files)
         self.bar = tqdm(total=run.total, initial=run.start, desc="train", dynamic_ncols=True,
                         disable=quiet or not self.rank0 or not sys.stderr.isatty())

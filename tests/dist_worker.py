@@ -11,9 +11,11 @@ import sys
 import torch
 
 from models import load_family
+from ppllm import ds_compat
 from ppllm.engine import build_engine, grad_norm, train_step
+from ppllm.lora import LoraConfig
 from ppllm.partition import layer_costs, stage_bounds
-from helpers import synthetic_batches  # this folder is on sys.path when run as a script
+from helpers import seed_lora, synthetic_batches  # this folder is on sys.path when run as a script
 
 
 def main():
@@ -40,7 +42,11 @@ def main():
             if sc.get("offload"):
                 ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         engine, _, _ = build_engine(fam, margs, bounds, sc["pipe"], sc["data"], ds, 0,
-                                          sc.get("grad_ckpt", False), sc["model_dir"])
+                                          sc.get("grad_ckpt", False), sc["model_dir"],
+                                          lora=LoraConfig(**sc["lora"]) if sc.get("lora") else None,
+                                          schedule=sc.get("schedule", "1f1b"))
+        if sc.get("lora"):
+            seed_lora(engine.module.local_layers())
         dp_rank = engine.grid.get_data_parallel_rank()
         allb = synthetic_batches(sc["seed"], sc["gas"] * sc["data"], sc["mbs"], sc["seq"], margs.vocab_size)
         mine = allb[dp_rank * sc["gas"]:(dp_rank + 1) * sc["gas"]]
@@ -52,7 +58,8 @@ def main():
         for key, tied, attrs, _ in module.tied_groups():
             # the shared matrix as this stage holds it (on the last stage: the head's copy)
             layers[f"tied:{key}"] = {k: getattr(tied, k).detach().clone() for k in attrs}
-        torch.save({"loss": loss, "grad_norm": grad_norm(engine), "layers": layers, "bounds": bounds},
+        torch.save({"loss": loss, "grad_norm": grad_norm(engine), "layers": layers, "bounds": bounds,
+                    "zb": ds_compat.zb_h1_stats(engine)},
                    os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))
         torch.distributed.barrier()
     print(f"rank {rank}: done", flush=True)

@@ -135,3 +135,22 @@ def read_metrics(path) -> list[dict]:
     import json
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def seed_lora(layers) -> int:
+    """Give every LoRA adapter of ``layers`` ((global layer index, module) pairs) values fixed by its layer
+    index and name, both factors non-zero, so a pipelined and an unpipelined model start alike and both
+    adapter matrices get gradients in the first step. Returns the number of adapted modules."""
+    import zlib
+
+    from ppllm.lora import LoRALinear
+    n = 0
+    with torch.no_grad():
+        for idx, layer in layers:
+            for name, m in layer.named_modules():
+                if isinstance(m, LoRALinear):
+                    g = torch.Generator().manual_seed(1000 * idx + zlib.crc32(name.encode()) % 1000)
+                    for lin in (m.lora_A, m.lora_B):
+                        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.1)
+                    n += 1
+    return n

@@ -160,3 +160,22 @@ def test_readme_config_table_is_generated_from_the_schema():
     assert body == describe_config(), "README's config table is stale: run `python scripts/config_table.py`"
     p = run([PY, "train_pp.py", "--help-config"])
     assert p.stdout.strip() == describe_config()
+
+
+def test_schedule_key(raw, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert validate(raw, "x.yml").run.schedule == "1f1b"
+    assert validate({**raw, "schedule": "zb-h1"}, "x.yml").run.schedule == "zb-h1"
+    [msg] = problems({**raw, "schedule": "zb"})
+    assert msg.startswith("schedule: ") and "'1f1b'" in msg and "'zb-h1'" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("extra,named", [({"precision": "bf16"}, "precision bf16"),
+                                         ({"bf16": {"enabled": True}}, "precision bf16"),
+                                         ({"fp16": {"enabled": True}}, "precision fp16"),
+                                         ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage 1")])
+def test_zb_h1_refuses_what_defers_grads_elsewhere(raw, monkeypatch, extra, named):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    [msg] = problems({**raw, "schedule": "zb-h1", **extra})
+    assert msg.startswith("schedule: zb-h1") and named in msg and "schedule: 1f1b" in msg and "\n" not in msg
+    validate({**raw, **extra}, "x.yml")  # the same settings under 1F1B are fine

@@ -12,9 +12,10 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from ppllm import convert as cm
 from models import load_family
+from ppllm.lora import LoraConfig, apply_lora
 from ppllm.pipeline import SequentialModel
 from ppllm.tiny import make_llama
-from tests.helpers import launch, synthetic_batches, token_weighted_loss
+from tests.helpers import launch, seed_lora, synthetic_batches, token_weighted_loss
 from tests.test_families import baichuan_checkpoint, nontrivial_norms
 
 pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
@@ -66,13 +67,17 @@ def reference_update(model_dir, sc):
     fam, margs = load_family(model_dir)
     model = SequentialModel(fam.build_specs(margs))
     model.load_layer_files(model_dir)
+    if sc.get("lora"):
+        apply_lora(model, LoraConfig(**sc["lora"]))
+        assert seed_lora(enumerate(model.layers)) > 0
     batches = synthetic_batches(sc["seed"], sc["gas"] * sc["data"], sc["mbs"], SEQ, margs.vocab_size)
     z_weight = getattr(fam.loss_fn(margs), "z_loss_weight", 0.0)
     loss = z_weighted_loss(model, batches, z_weight) if z_weight else token_weighted_loss(model, batches)
     loss.backward()
-    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trained))
     if sc.get("clip"):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), sc["clip"])
+        torch.nn.utils.clip_grad_norm_(trained, sc["clip"])
     updated = {}
     with torch.no_grad():
         for idx, layer in enumerate(model.layers):
@@ -88,9 +93,11 @@ def reference_update(model_dir, sc):
                 updated[idx] = {k: (p - sc["lr"] * p.grad / (p.grad.abs() + 1e-8))
                                 for k, p in layer.named_parameters()}
             else:  # SGD with lr 1
-                updated[idx] = {k: (p - p.grad) for k, p in layer.named_parameters()}
+                updated[idx] = {k: (p - p.grad) if p.requires_grad else p.clone()
+                                for k, p in layer.named_parameters()}
             before = {k: p.clone() for k, p in layer.named_parameters()}
             updated[idx]["__before__"] = before
+            updated[idx]["__frozen__"] = {k for k, p in layer.named_parameters() if not p.requires_grad}
     updated["__norm__"] = float(norm)
     return float(loss.detach()), updated
 
@@ -104,6 +111,12 @@ def check(out_dir, sc, model_dir):
     biggest = 0.0
     for path in dumps:
         d = torch.load(path, weights_only=False)
+        if sc.get("schedule") == "zb-h1":  # the weight gradients really went through the W's
+            zb = d["zb"]
+            assert zb["linears"] > 0 and zb["w_passes"] == sc["gas"], (sc["name"], path, zb)
+            assert zb["deferred"] == zb["linears"] * sc["gas"], (sc["name"], path, zb)
+        else:
+            assert d["zb"] is None, (sc["name"], path)
         torch.testing.assert_close(d["loss"], ref_loss, rtol=0, atol=1e-5, msg=lambda m: f"{sc['name']} loss: {m}")
         torch.testing.assert_close(d["grad_norm"], ref_norm, rtol=0, atol=1e-5 * max(1.0, ref_norm),
                                    msg=lambda m: f"{sc['name']} grad norm: {m}")
@@ -114,7 +127,10 @@ def check(out_dir, sc, model_dir):
             for k, v in state.items():
                 want = ref[idx][k]
                 moved = (want - ref[idx]["__before__"][k]).abs().max()
-                assert moved > 1e-7, f"{k} did not change: the test would be vacuous"
+                if k in ref[idx]["__frozen__"]:  # LoRA's base weights: must come back unchanged
+                    assert moved == 0, f"{k} is frozen but the reference moved it"
+                else:
+                    assert moved > 1e-7, f"{k} did not change: the test would be vacuous"
                 biggest = max(biggest, float(moved))
                 torch.testing.assert_close(v, want, rtol=0, atol=1e-5,
                                            msg=lambda m: f"{sc['name']} layer {idx} {k}: {m}")
@@ -132,6 +148,20 @@ SCEN_2 = [
      "optimizer": "Lion", "lr": 0.01},
     # bloom: TiedLayerSpec embedding/head across the two stages, embedding LayerNorm, ALiBi
     {"name": "p2_bloom", "model": "bloom", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 17, "clip": 0.5},
+    # ZB-H1 (schedule: zb-h1): the same step with each backward split into B and deferred W's
+    {"name": "p2_zb_tied", "model": "tied", "pipe": 2, "data": 1, "mbs": 1, "gas": 4, "seed": 12, "schedule": "zb-h1"},
+    {"name": "p2_zb_ckpt", "model": "untied", "pipe": 2, "data": 1, "mbs": 2, "gas": 3, "seed": 13, "grad_ckpt": True,
+     "schedule": "zb-h1"},
+    {"name": "p2_zb_clip", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 15, "clip": 0.5,
+     "schedule": "zb-h1"},
+    {"name": "p2_zb_bloom_m1", "model": "bloom", "pipe": 2, "data": 1, "mbs": 2, "gas": 1, "seed": 17, "clip": 0.5,
+     "schedule": "zb-h1", "grad_ckpt": True},
+    # LoRA (adapters on attention and MLP, base frozen): 1F1B and ZB-H1
+    {"name": "p2_lora", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 18, "clip": 0.5,
+     "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}},
+    {"name": "p2_zb_lora", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 3, "seed": 18, "clip": 0.5,
+     "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}, "schedule": "zb-h1",
+     "grad_ckpt": True},
 ]
 SCEN_4 = [
     {"name": "p2d2_untied", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 21},
@@ -142,6 +172,11 @@ SCEN_4 = [
      "offload": True, "optimizer": "Adam", "lr": 1e-3},
     {"name": "p2d2_bloom", "model": "bloom", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 26},
     {"name": "p2d2_baichuan_z", "model": "baichuan_z", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 27},
+    {"name": "p2d2_zb_tied", "model": "tied", "pipe": 2, "data": 2, "mbs": 1, "gas": 3, "seed": 22, "schedule": "zb-h1"},
+    {"name": "p2d2_zb_ckpt_clip", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 23, "clip": 0.5,
+     "grad_ckpt": True, "schedule": "zb-h1"},
+    {"name": "p2d2_zb_baichuan_z", "model": "baichuan_z", "pipe": 2, "data": 2, "mbs": 2, "gas": 4, "seed": 27,
+     "schedule": "zb-h1"},
 ]
 
 

@@ -69,3 +69,12 @@ def test_bad_arguments_are_named():
         simulate("1f1b", 2, 4, [1.0], 1, 1)
     with pytest.raises(ValueError, match="p=0"):
         simulate("1f1b", 0, 4, 1, 1, 1)
+
+
+def test_bounded_deferred_ws_keep_every_dependency_and_the_bound():
+    f, b, w = [1.0, 0.9, 1.1, 2.5], [1.8, 1.7, 2.0, 3.1], [1.0, 1.0, 1.2, 1.9]
+    for cap, m in itertools.product((1, 2, 4), (1, 3, 4, 9, 16)):
+        r = simulate("zb-h1", 4, m, f, b, w, comm=0.3, w_cap=cap)
+        check_timeline(r, 4, m, 0.3)
+        assert max(r.peak_pending_w) <= cap
+        assert r.peak_in_flight == [min(m, 4 - s) for s in range(4)]
