@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -105,6 +106,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(template: Template, max_len: int, overlong: str, fields: dict | None = None) -> None:
+    # forked from a rank: its handlers (a SIGTERM that raises to stop training) are not the worker's. The pool
+    # ends its workers with SIGTERM when the preparation stops (a data error, a signal); they just go, no
+    # traceback. Ctrl-C reaches the whole process group: the rank handles it and ends the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism: one thread per worker
     if hasattr(template.tok, "threads"):
         template.tok.threads = 1
