@@ -78,21 +78,24 @@ def test_transfers_and_fb_order_are_deepspeeds_1f1b(p, m):
             S.TrainSchedule(micro_batches=m, stages=p, stage_id=s).num_pipe_buffers()
 
 
+#: each send instruction: the direction of its peer stage and the receive it pairs with
+PEER = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
+
+
 def run_with_rendezvous(streams) -> list[list]:
     """Execute every stage's stream with blocking sends (a send completes only together with its
     receive); returns the order the operations completed in, or fails on a deadlock."""
     p = len(streams)
     at = [0] * p
     done: list[list] = [[] for _ in range(p)]
-    peer = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
     while any(at[s] < len(streams[s]) for s in range(p)):
         moved = False
         for s in range(p):
             if at[s] >= len(streams[s]):
                 continue
             c = streams[s][at[s]]
-            if type(c) in peer:
-                step, want = peer[type(c)]
+            if type(c) in PEER:
+                step, want = PEER[type(c)]
                 o = s + step
                 if at[o] < len(streams[o]) and type(streams[o][at[o]]) is want:
                     done[s].append(c)
@@ -149,7 +152,6 @@ def timed(streams, cost, buffered: bool, comm: float = 0.05) -> float:
     p = len(streams)
     at, t = [0] * p, [0.0] * p
     posted, count = {}, {}
-    peer = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
     while any(at[s] < len(streams[s]) for s in range(p)):
         moved = False
         for s in range(p):
@@ -157,14 +159,14 @@ def timed(streams, cost, buffered: bool, comm: float = 0.05) -> float:
                 continue
             c = streams[s][at[s]]
             kind = type(c)
-            if kind in peer and buffered:
+            if kind in PEER and buffered:
                 n = count[s, kind] = count.get((s, kind), 0) + 1
-                posted[s + peer[kind][0], peer[kind][1], n] = t[s]
+                posted[s + PEER[kind][0], PEER[kind][1], n] = t[s]
                 at[s] += 1
                 moved = True
-            elif kind in peer:
-                o = s + peer[kind][0]
-                if at[o] < len(streams[o]) and type(streams[o][at[o]]) is peer[kind][1]:
+            elif kind in PEER:
+                o = s + PEER[kind][0]
+                if at[o] < len(streams[o]) and type(streams[o][at[o]]) is PEER[kind][1]:
                     t[s] = t[o] = max(t[s], t[o]) + comm
                     at[s] += 1
                     at[o] += 1
