@@ -200,7 +200,8 @@ class RunConfig(BaseModel):
     schedule: Literal["1f1b", "zb-h1"] = "1f1b"
     """pipeline schedule: `1f1b` (DeepSpeed's) or `zb-h1` (zero-bubble: each backward split into the input's
     gradient and the linear weights' gradients, the latter deferred into the bubbles; 1F1B's activations in
-    flight, plus the deferred weight-gradient inputs). `zb-h1` needs fp32 without ZeRO (see Pipeline schedules)"""
+    flight, plus the deferred weight-gradient inputs). `zb-h1` runs in fp32 without ZeRO or in bf16 with fp32 gradient
+    sums (ppllm's bf16 route), not in fp16 (see Pipeline schedules)"""
     use_flash_attn: bool = False
     """flash-attn 2 varlen kernels on CUDA in bf16/fp16 when installed (bloom through its ALiBi slopes); otherwise
     `attention`, with one notice"""
@@ -545,8 +546,9 @@ def _check_precision(ds: dict, run: RunConfig) -> list[str]:
 
 
 def _check_schedule(ds: dict, run: RunConfig) -> list[str]:
-    """ZB-H1 defers weight gradients past DeepSpeed's bf16/fp16 optimizers' and ZeRO's gradient handling,
-    so it runs on the plain fp32 path only."""
+    """ZB-H1 defers weight gradients past the point where DeepSpeed's fp16 optimizer and ZeRO's optimizer
+    take them, so it runs on the plain fp32 path or under DeepSpeed's bf16 optimizer (bf16 weights with
+    fp32 gradient sums, ppllm's bf16 route; or bf16 sums without ZeRO), whose buffers its W's fill."""
     if run.schedule != "zb-h1":
         return []
     explicit = [k for k in ("bf16", "fp16") if isinstance(ds.get(k), dict) and ds[k].get("enabled")]
@@ -554,12 +556,21 @@ def _check_schedule(ds: dict, run: RunConfig) -> list[str]:
     if precision == "auto":
         from ppllm.launch import accelerator_name
         precision = "fp32" if accelerator_name() == "cpu" else "bf16"
-    zero = int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
-    if precision != "fp32" or zero:
+    zero_cfg = ds.get("zero_optimization") or {}
+    zero = int(zero_cfg.get("stage", 0) or 0)
+    offload = (zero_cfg.get("offload_optimizer") or {}).get("device") == "cpu"
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if precision == "fp32" and not zero:
+        return []
+    if precision == "bf16" and not offload and (accum in (None, "fp32") and zero <= 1 or accum == "bf16" and not zero):
+        return []
+    if precision == "bf16":
+        what = ("optimizer offload" if offload else f"zero_optimization.stage {zero}" if zero > 1 else
+                f"data_types.grad_accum_dtype {accum} with zero_optimization.stage {zero}")
+    else:
         what = f"precision {precision}" if precision != "fp32" else f"zero_optimization.stage {zero}"
-        return [f"schedule: zb-h1 runs in fp32 without ZeRO only, not with {what}; use schedule: 1f1b, or "
-                f"precision: fp32 without zero_optimization"]
-    return []
+    return [f"schedule: zb-h1 runs in fp32 without ZeRO, or in bf16 with DeepSpeed's bf16 optimizer (fp32 gradient "
+            f"sums, ZeRO stage 0 or 1, no offload), not with {what}; use schedule: 1f1b, or one of those"]
 
 
 def _world_size_message(pipe: int, data: int, world: int) -> str:

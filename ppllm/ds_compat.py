@@ -478,12 +478,28 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
-def _weight_grads(weight, bias, x, g) -> None:
+def _master_grad_adder(opt):
+    """Under DeepSpeed's bf16 optimizer a W adds its (bf16) weight gradient straight into the parameter's
+    fp32 gradient buffer, as the optimizer itself does after each 1F1B backward with the bf16 .grad
+    (which it zeroes before the next backward, so a W cannot leave its gradient there)."""
+    index = {id(lp): (i, j) for i, group in enumerate(opt.bf16_groups) for j, lp in enumerate(group)}
+
+    def add(param: torch.Tensor, grad: torch.Tensor) -> None:
+        i, j = index[id(param)]
+        hp = opt.fp32_groups_gradients[i][j]
+        hp.add_(grad.to(hp.dtype).view(hp.shape))
+        param._hp_grad = hp
+        opt.fp32_groups_has_gradients[i][j] = True
+    return add
+
+
+@torch.no_grad()
+def _weight_grads(weight, bias, x, g, add=_accumulate) -> None:
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
     if weight is not None and weight.requires_grad:
-        _accumulate(weight, (g2.t() @ x2).to(weight.dtype))
+        add(weight, (g2.t() @ x2).to(weight.dtype))
     if bias is not None and bias.requires_grad:
-        _accumulate(bias, g2.sum(0).to(bias.dtype))
+        add(bias, g2.sum(0).to(bias.dtype))
 
 
 class _DeferredLinear(torch.autograd.Function):
@@ -520,15 +536,21 @@ def zb_h1_stats(engine) -> dict | None:
 
 
 def use_zb_h1(engine) -> int:
-    """Run this engine's training steps under ZB-H1 (plain fp32 path: no bf16/fp16 optimizer, no ZeRO,
-    which ppllm.config refuses beside ``schedule: zb-h1``). Every plain ``nn.Linear`` of the stage whose
-    weight trains (under LoRA: the adapters; LoRALinear's frozen base is left alone) defers its weight
-    gradient. Returns the number of such linear layers."""
+    """Run this engine's training steps under ZB-H1: on the plain fp32 path, or under DeepSpeed's bf16
+    optimizer (bf16 weights, fp32 gradient sums; ZeRO stage 1 or none), where the W's add to its fp32
+    gradient buffers. fp16 (loss scaling) and ZeRO's own optimizer are refused, as ppllm.config does
+    beside ``schedule: zb-h1``. Every plain ``nn.Linear`` of the stage whose weight trains (under LoRA:
+    the adapters; LoRALinear's frozen base is left alone) defers its weight gradient. Returns the number
+    of such linear layers."""
     import types
 
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.pipe.engine import PipelineEngine
-    if engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization():
-        raise ValueError("schedule zb-h1 runs on the plain fp32 path only (no bf16/fp16, no ZeRO)")
+    bf16_opt = isinstance(engine.optimizer, BF16_Optimizer)
+    if engine.fp16_enabled() or (engine.zero_optimization() or engine.bfloat16_enabled()) and not bf16_opt:
+        raise ValueError("schedule zb-h1 runs on the plain fp32 path or DeepSpeed's bf16 optimizer only "
+                         "(no fp16, no ZeRO optimizer)")
+    add = _master_grad_adder(engine.optimizer) if bf16_opt else _accumulate
     n = 0
     for m in engine.module.modules():
         if type(m) is torch.nn.Linear and m.weight.requires_grad:  # under LoRA: the adapters
@@ -560,7 +582,7 @@ def use_zb_h1(engine) -> int:
     def _exec_weight_pass(self, micro_batch):
         queue = queues.pop(micro_batch)
         for weight, bias, x, g in queue:
-            _weight_grads(weight, bias, x, g)
+            _weight_grads(weight, bias, x, g, add)
         stats["w_passes"] += 1
         stats["deferred"] += len(queue)
 

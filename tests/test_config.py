@@ -170,12 +170,24 @@ def test_schedule_key(raw, monkeypatch):
     assert msg.startswith("schedule: ") and "'1f1b'" in msg and "'zb-h1'" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("extra,named", [({"precision": "bf16"}, "precision bf16"),
-                                         ({"bf16": {"enabled": True}}, "precision bf16"),
-                                         ({"fp16": {"enabled": True}}, "precision fp16"),
-                                         ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage 1")])
+@pytest.mark.parametrize("extra,named", [
+    ({"fp16": {"enabled": True}}, "precision fp16"),
+    ({"precision": "fp16"}, "precision fp16"),
+    ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage 1"),
+    ({"precision": "bf16", "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
+     "optimizer offload"),
+    ({"precision": "bf16", "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}},
+     "data_types.grad_accum_dtype bf16 with zero_optimization.stage 1")])
 def test_zb_h1_refuses_what_defers_grads_elsewhere(raw, monkeypatch, extra, named):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     [msg] = problems({**raw, "schedule": "zb-h1", **extra})
     assert msg.startswith("schedule: zb-h1") and named in msg and "schedule: 1f1b" in msg and "\n" not in msg
     validate({**raw, **extra}, "x.yml")  # the same settings under 1F1B are fine
+
+
+@pytest.mark.parametrize("extra", [{"precision": "bf16"}, {"bf16": {"enabled": True}},
+                                   {"precision": "bf16", "zero_optimization": {"stage": 1}},
+                                   {"precision": "bf16", "data_types": {"grad_accum_dtype": "bf16"}}])
+def test_zb_h1_runs_under_deepspeeds_bf16_optimizer(raw, monkeypatch, extra):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert validate({**raw, "schedule": "zb-h1", **extra}, "x.yml").run.schedule == "zb-h1"

@@ -16,7 +16,7 @@ from ppllm.lora import LoraConfig, apply_lora
 from ppllm.pipeline import SequentialModel
 from ppllm.tiny import make_llama
 from tests.helpers import launch, seed_lora, synthetic_batches, token_weighted_loss
-from tests.test_families import baichuan_checkpoint, nontrivial_norms
+from tests.test_families import baichuan_checkpoint, chatglm_checkpoint, nontrivial_norms
 
 pytestmark = pytest.mark.multiprocess  # DeepSpeed launches: not in make test-fast
 
@@ -42,6 +42,10 @@ def models(tmp_path_factory):
     baichuan_checkpoint(root / "hf_baichuan", z_loss_weight=0.5, vocab=VOCAB)
     cm.hg_to_pp(str(root / "hf_baichuan"), str(root / "pp_baichuan"), quiet=True)
     out["baichuan_z"] = str(root / "pp_baichuan")
+    # chatglm3: fused qkv with bias, multi-query groups, half-rotary RoPE, separate head
+    chatglm_checkpoint(root / "hf_glm", vocab=VOCAB)
+    cm.hg_to_pp(str(root / "hf_glm"), str(root / "pp_glm"), quiet=True)
+    out["glm"] = str(root / "pp_glm")
     out["root"] = root
     return out
 
@@ -102,7 +106,35 @@ def reference_update(model_dir, sc):
     return float(loss.detach()), updated
 
 
+def check_same_step(out_dir, sc):
+    """bf16 (DeepSpeed's bf16 optimizer, fp32 gradient sums): the ZB-H1 step equals the 1F1B step of
+    ``sc['same_as']``. Both sum the same bf16 micro-batch weight gradients into fp32 in the same order,
+    so the fp32 master weights after the step must agree exactly."""
+    pairs = [(torch.load(p, weights_only=False),
+              torch.load(p.replace(sc["name"], sc["same_as"]), weights_only=False))
+             for p in sorted(glob.glob(os.path.join(out_dir, f"{sc['name']}_rank*.pt")))]
+    assert len(pairs) == sc["pipe"] * sc["data"], pairs
+    moved = 0.0
+    for zb, ref in pairs:
+        assert zb["zb"]["w_passes"] == sc["gas"] and zb["zb"]["deferred"] == zb["zb"]["linears"] * sc["gas"] > 0
+        assert ref["zb"] is None and zb["loss"] == ref["loss"], (zb["loss"], ref["loss"])
+        assert zb["master"].keys() == ref["master"].keys() and zb["master"]
+        for name, want in ref["master"].items():
+            assert want.dtype == torch.float32
+            torch.testing.assert_close(zb["master"][name], want, rtol=0, atol=0,
+                                       msg=lambda m: f"{sc['name']} master {name}: {m}")
+        for name, want in ref["master"].items():  # every weight moved: the comparison is not vacuous
+            step = float((want - ref["master_before"][name]).abs().max())
+            assert step > 1e-6, f"{sc['same_as']} did not move {name}"
+            moved = max(moved, step)
+    assert moved > 1e-3, "the step barely moved the weights"
+
+
 def check(out_dir, sc, model_dir):
+    if sc.get("same_as"):
+        return check_same_step(out_dir, sc)
+    if sc.get("precision") == "bf16":
+        return  # the 1F1B side of a bf16 pair: check_same_step compares it with its ZB-H1 step
     ref_loss, ref = reference_update(model_dir, sc)
     ref_norm = ref.pop("__norm__")
     dumps = sorted(glob.glob(os.path.join(out_dir, f"{sc['name']}_rank*.pt")))
@@ -162,6 +194,14 @@ SCEN_2 = [
     {"name": "p2_zb_lora", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 3, "seed": 18, "clip": 0.5,
      "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}, "schedule": "zb-h1",
      "grad_ckpt": True},
+    {"name": "p2_glm", "model": "glm", "pipe": 2, "data": 1, "mbs": 2, "gas": 2, "seed": 31, "clip": 0.5},
+    {"name": "p2_zb_glm", "model": "glm", "pipe": 2, "data": 1, "mbs": 2, "gas": 3, "seed": 32, "grad_ckpt": True,
+     "schedule": "zb-h1"},
+    # bf16 (DeepSpeed's bf16 optimizer, fp32 gradient sums): ZB-H1's step equals 1F1B's, master weights exactly
+    {"name": "p2_bf16", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 3, "seed": 19, "clip": 0.5,
+     "precision": "bf16", "grad_ckpt": True},
+    {"name": "p2_zb_bf16", "model": "tied", "pipe": 2, "data": 1, "mbs": 2, "gas": 3, "seed": 19, "clip": 0.5,
+     "precision": "bf16", "grad_ckpt": True, "schedule": "zb-h1", "same_as": "p2_bf16"},
 ]
 SCEN_4 = [
     {"name": "p2d2_untied", "model": "untied", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 21},
@@ -177,6 +217,12 @@ SCEN_4 = [
      "grad_ckpt": True, "schedule": "zb-h1"},
     {"name": "p2d2_zb_baichuan_z", "model": "baichuan_z", "pipe": 2, "data": 2, "mbs": 2, "gas": 4, "seed": 27,
      "schedule": "zb-h1"},
+    {"name": "p2d2_zb_glm", "model": "glm", "pipe": 2, "data": 2, "mbs": 1, "gas": 2, "seed": 33, "clip": 0.5,
+     "schedule": "zb-h1"},
+    {"name": "p2d2_bf16", "model": "bloom", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 28, "clip": 0.5,
+     "precision": "bf16"},
+    {"name": "p2d2_zb_bf16", "model": "bloom", "pipe": 2, "data": 2, "mbs": 2, "gas": 2, "seed": 28, "clip": 0.5,
+     "precision": "bf16", "schedule": "zb-h1", "same_as": "p2d2_bf16"},
 ]
 
 
