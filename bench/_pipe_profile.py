@@ -3,7 +3,7 @@
 DeepSpeed's own ``wall_clock_breakdown`` stops the pipeline engine with "bwd_microstep
 timer has already been started", so this wraps the engine's instruction handlers
 instead and adds up seconds per instruction on each rank.  After the run each rank
-writes ``rank<N>.json`` into ``$PPLLM_PIPE_PROFILE``: {instruction: [seconds, calls]}
+writes ``rank<N>.json`` into ``$PPLLM_PIPE_PROFILE``: {instruction: [seconds, calls, fastest call]}
 for the steps after the first ``$PPLLM_PIPE_PROFILE_SKIP`` (default 3).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def install(out_dir: str, skip: int) -> None:
     from deepspeed.runtime.pipe.engine import PipelineEngine
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, float("inf")])  # seconds, calls, fastest call
     state = {"batches": 0, "t_batch": 0.0}
 
     def wrap(fn):
@@ -30,9 +30,10 @@ def install(out_dir: str, skip: int) -> None:
             t0 = time.perf_counter()
             out = fn(self, *args, **kwargs)
             if state["batches"] >= skip:
-                rec = totals[label]
-                rec[0] += time.perf_counter() - t0
+                rec, took = totals[label], time.perf_counter() - t0
+                rec[0] += took
                 rec[1] += 1
+                rec[2] = min(rec[2], took)
             return out
         return timed
 

@@ -116,8 +116,88 @@ def compare_schedules(a, s: dict, tmp: str) -> None:
         result += [f"speedup_1f1b_m{m}={t1 / tf:.3f}", f"speedup_zb_m{m}={t1 / tz:.3f}",
                    f"bubble_recovered_m{m}={recovered:.3f}",
                    f"peak_mb_zb_over_1f1b_m{m}={max(pk['zb-h1']) / max(pk['1f1b']):.3f}"]
+    if a.profile:
+        result += validate_simulator(a, times, tmp)
     log(f"after the runs: {load_note()}")
     log("RESULT " + " ".join(result))
+
+
+def measured_costs(folders: list[str]):
+    """Per-stage costs of one kind of pipe=2 run, pooled over its rounds' instruction profiles
+    (bench/_pipe_profile.py): seconds per micro-batch of F, B (ZB-H1's input backward, or 1F1B's whole
+    backward), W, loading; per step the reductions + optimizer step after the stages meet (the fastest
+    rank's: the others also wait there); the time a rank spends outside any instruction is spread over
+    its forwards. ``comm``: the fastest send or receive seen (one transfer without waiting)."""
+    import json
+
+    from ppllm.schedule_sim import StageCosts
+    pooled: dict[int, dict[str, list[float]]] = {}
+    for folder in folders:
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name)) as f:
+                prof = json.load(f)
+            rank = pooled.setdefault(int(name[4:-5]), {})
+            for k, (sec, calls, *fast) in prof.items():
+                rec = rank.setdefault(k, [0.0, 0, float("inf")])
+                rec[0] += sec
+                rec[1] += calls
+                rec[2] = min(rec[2], fast[0] if fast else float("inf"))
+    stages, ends, comm = [], [], float("inf")
+    for r in sorted(pooled):
+        prof = pooled[r]
+        steps = prof["train_batch"][1]
+
+        def per_call(k):
+            return prof[k][0] / prof[k][1] if prof.get(k, [0, 0])[1] else 0.0
+        m = prof["forward_pass"][1] / steps
+        outside = (prof["train_batch"][0] - sum(v[0] for k, v in prof.items() if k != "train_batch")) / steps
+        ends.append(sum(prof.get(k, [0.0])[0] for k in ("optimizer_step", "reduce_grads", "reduce_tied_grads")) / steps)
+        b = per_call("backward_input") if "backward_input" in prof else per_call("backward_pass")
+        stages.append(StageCosts(per_call("forward_pass") + outside / m, b, per_call("weight_pass"),
+                                 per_call("load_micro_batch")))
+        comm = min([comm] + [prof[k][2] for k in ("send_activations", "recv_activations", "send_grads", "recv_grads")
+                             if k in prof])
+    for st in stages:
+        st.end = min(ends)
+    return stages, comm
+
+
+def validate_simulator(a, times: dict, tmp: str) -> list[str]:
+    """The step time ppllm.schedule_sim.engine_step_time predicts for each run from its own measured costs,
+    against the measured median; then predictions for deeper pipelines from the ZB-H1 costs of the largest m."""
+    from ppllm.schedule_sim import StageCosts, engine_step_time, simulate
+    log("simulator validation (pipe=2; each run's measured per-stage costs -> predicted step time):")
+    log("m  schedule  F ms (stage 0, 1)  B ms  W ms  comm ms  predicted s  measured s  error")
+    out, costs = [], {}
+    for m in a.m_list:
+        for kind in ("1f1b", "zb-h1"):
+            folders = [os.path.join(tmp, f"{kind}_m{m}_r{r}_profile") for r in range(a.rounds)]
+            stages, comm = measured_costs(folders)
+            costs[kind, m] = stages, comm
+            pred = engine_step_time(kind, m, stages, comm)
+            meas = median(times[kind, m])
+            err = pred / meas - 1
+            log(f"{m:<2} {kind:8s}  {stages[0].f * 1e3:6.1f}, {stages[1].f * 1e3:6.1f}  "
+                f"{stages[0].b * 1e3:5.1f}, {stages[1].b * 1e3:5.1f}  {stages[0].w * 1e3:4.1f}, {stages[1].w * 1e3:4.1f}  "
+                f"{comm * 1e3:6.2f}  {pred:10.3f}  {meas:10.3f}  {err:+.1%}")
+            out.append(f"sim_error_{kind.replace('-', '')}_m{m}={err:+.3f}")
+    stages, comm = costs["zb-h1", max(a.m_list)]
+    first, last = stages
+    middle = StageCosts(first.f, first.b, first.w, 0.0, first.end)
+    log(f"predicted deeper pipelines (stages like the measured ones: stage 0, {{p - 2}} x stage 0 without its "
+        f"loading, the head + loss stage; ZB-H1 costs of m={max(a.m_list)}):")
+    log("p   m    1F1B s   ZB-H1 ppllm s (vs 1F1B)   ZB-H1 free-running s (vs 1F1B)")
+    for p in (4, 8, 16):
+        deep = [first] + [middle] * (p - 2) + [last]
+        for m in (p, 2 * p, 4 * p):
+            one = engine_step_time("1f1b", m, deep, comm)
+            zb = engine_step_time("zb-h1", m, deep, comm)
+            free = simulate("zb-h1", p, m, [st.f + st.load for st in deep], [st.b for st in deep],
+                            [st.w for st in deep], comm, w_cap=p).step_time + first.end
+            log(f"{p:<3} {m:<4} {one:7.3f}  {zb:7.3f} ({one / zb:.3f}x)        {free:7.3f} ({one / free:.3f}x)")
+            if m == 2 * p:
+                out.append(f"predicted_zb_over_1f1b_p{p}_m{m}={one / zb:.3f}")
+    return out
 
 
 def print_profile(label: str, folder: str) -> None:

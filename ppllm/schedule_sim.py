@@ -132,6 +132,95 @@ def simulate(schedule: str, p: int, m: int, f, b, w, comm: float = 0.0, w_cap=No
     return Result(schedule, max(free_at), busy, peak, peak_w, timeline)
 
 
+def time_streams(streams: list[list], cost, comm: float = 0.0, blocking: bool = True) -> float:
+    """Step time of every stage's DeepSpeed instruction stream (``streams[s]``: the stage's instructions
+    in order) with ``cost(stage, instruction)`` seconds of compute each and transfers of ``comm``.
+    ``blocking``: a send and its receive complete together (gloo's and NCCL's point-to-point as DeepSpeed
+    issues them); otherwise a send returns at once and its receive completes ``comm`` after both were
+    posted. ``OptimizerStep`` waits for every stage (the step's gradient norm is reduced across stages)."""
+    from deepspeed.runtime.pipe import schedule as S
+    peer = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
+    p = len(streams)
+    at, t = [0] * p, [0.0] * p
+    posted: dict = {}
+    count: dict = {}
+    while any(at[s] < len(streams[s]) for s in range(p)):
+        moved = False
+        for s in range(p):
+            if at[s] >= len(streams[s]):
+                continue
+            c = streams[s][at[s]]
+            kind = type(c)
+            if kind in peer and not blocking:
+                n = count[s, kind] = count.get((s, kind), 0) + 1
+                posted[s + peer[kind][0], peer[kind][1], n] = t[s]
+                at[s] += 1
+                moved = True
+            elif kind in peer:
+                o = s + peer[kind][0]
+                if at[o] < len(streams[o]) and type(streams[o][at[o]]) is peer[kind][1]:
+                    t[s] = t[o] = max(t[s], t[o]) + comm
+                    at[s] += 1
+                    at[o] += 1
+                    moved = True
+            elif kind in (S.RecvActivation, S.RecvGrad):
+                if not blocking:
+                    n = count.get((s, kind), 0) + 1
+                    if (s, kind, n) in posted:
+                        count[s, kind] = n
+                        t[s] = max(t[s], posted[s, kind, n] + comm)
+                        at[s] += 1
+                        moved = True
+            elif kind is S.OptimizerStep:
+                if all(at[o] < len(streams[o]) and type(streams[o][at[o]]) is S.OptimizerStep for o in range(p)):
+                    start = max(t)
+                    for o in range(p):
+                        t[o] = start + cost(o, streams[o][at[o]])
+                        at[o] += 1
+                    moved = True
+            else:
+                t[s] += cost(s, c)
+                at[s] += 1
+                moved = True
+        if not moved:
+            raise RuntimeError("the instruction streams deadlocked")
+    return max(t)
+
+
+@dataclass
+class StageCosts:
+    """Seconds per micro-batch on one stage: forward ``f``, input backward ``b``, weight backward ``w``,
+    loading a micro-batch ``load`` (first and last stage); per step: ``end`` (gradient reductions and the
+    optimizer step, after the stages meet)."""
+    f: float
+    b: float
+    w: float
+    load: float = 0.0
+    end: float = 0.0
+
+
+def engine_step_time(schedule: str, m: int, stages: list[StageCosts], comm: float = 0.0,
+                     blocking: bool = True) -> float:
+    """Step time of ppllm's pipeline engine: DeepSpeed's own 1F1B instruction streams, or ppllm's ZB-H1
+    streams (``ppllm.ds_compat.ZBH1Schedule``: the same transfers, W's placed in them), for ``len(stages)``
+    stages with measured per-stage costs, timed by :func:`time_streams`. Unlike :func:`simulate`, whose
+    stages run free, this keeps DeepSpeed's order of sends and receives."""
+    from deepspeed.runtime.pipe import schedule as S
+
+    from ppllm.ds_compat import BackwardInput, WeightPass, ZBH1Schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
+    p = len(stages)
+    kind = ZBH1Schedule if schedule == "zb-h1" else S.TrainSchedule
+    streams = [[c for step in kind(micro_batches=m, stages=p, stage_id=s).steps() for c in step] for s in range(p)]
+
+    def cost(s: int, c) -> float:
+        k, st = type(c), stages[s]
+        return {S.ForwardPass: st.f, BackwardInput: st.b, WeightPass: st.w, S.BackwardPass: st.b + st.w,
+                S.LoadMicroBatch: st.load, S.OptimizerStep: st.end}.get(k, 0.0)
+    return time_streams(streams, cost, comm, blocking)
+
+
 def main(argv=None) -> None:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -141,13 +230,15 @@ def main(argv=None) -> None:
     ap.add_argument("--comm", type=float, default=0.0)
     ap.add_argument("--p", type=int, nargs="+", default=[4, 8, 16])
     a = ap.parse_args(argv)
-    print("p   m    1f1b     zb-h1    zb-h1/1f1b speed-up")
+    print("p   m    1f1b     zb-h1    zb-h1/1f1b speed-up   engine: 1f1b   zb-h1   speed-up (DeepSpeed's transfer order)")
     for p in a.p:
         for m in (p, 2 * p, 4 * p):
             one = simulate("1f1b", p, m, a.f, a.b, a.w, a.comm)
             zb = simulate("zb-h1", p, m, a.f, a.b, a.w, a.comm)
-            print(f"{p:<3} {m:<4} {one.step_time:8.2f} {zb.step_time:8.2f} {one.step_time / zb.step_time:8.3f}")
-
+            stages = [StageCosts(a.f, a.b, a.w)] * p
+            e1, ez = engine_step_time("1f1b", m, stages, a.comm), engine_step_time("zb-h1", m, stages, a.comm)
+            print(f"{p:<3} {m:<4} {one.step_time:8.2f} {zb.step_time:8.2f} {one.step_time / zb.step_time:8.3f}"
+                  f"              {e1:8.2f} {ez:8.2f} {e1 / ez:8.3f}")
 
 if __name__ == "__main__":
     main()

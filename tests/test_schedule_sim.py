@@ -78,3 +78,27 @@ def test_bounded_deferred_ws_keep_every_dependency_and_the_bound():
         check_timeline(r, 4, m, 0.3)
         assert max(r.peak_pending_w) <= cap
         assert r.peak_in_flight == [min(m, 4 - s) for s in range(4)]
+
+
+def test_engine_streams_timed_with_measured_costs():
+    """engine_step_time times DeepSpeed's own instruction streams (and ppllm's ZB-H1 streams) under blocking
+    transfers: 1F1B's closed form with equal costs, the end of the step once after the stages meet, uneven
+    stages bounded by the slowest, ZB-H1 never slower."""
+    from ppllm.schedule_sim import StageCosts, engine_step_time
+    for p in (2, 3, 4, 8):
+        for m in (1, 2, p, 2 * p):
+            eq = [StageCosts(1.0, 1.0, 1.0)] * p
+            assert engine_step_time("1f1b", m, eq) == pytest.approx(3 * (m + p - 1))
+            assert engine_step_time("1f1b", m, [StageCosts(1.0, 1.0, 1.0, end=0.5)] * p) == pytest.approx(
+                3 * (m + p - 1) + 0.5)
+            assert engine_step_time("zb-h1", m, eq) <= 3 * (m + p - 1)
+            uneven = [StageCosts(1.0, 1.0, 1.0)] * (p - 1) + [StageCosts(1.5, 1.2, 0.6, load=0.1)]
+            one = engine_step_time("1f1b", m, uneven)
+            assert one >= m * (1.5 + 1.2 + 0.6 + 0.1) and one >= 3 * (m + p - 1)
+            assert engine_step_time("1f1b", m, uneven, comm=0.01) > one
+    # at p = 2 the engine's ZB-H1 runs as the free-running simulator's
+    for m in (2, 4, 8):
+        assert engine_step_time("zb-h1", m, [StageCosts(1.0, 1.0, 1.0)] * 2) == pytest.approx(
+            simulate("zb-h1", 2, m, 1, 1, 1).step_time)
+    with pytest.raises(ValueError, match="one of 1f1b, zb-h1"):
+        engine_step_time("gpipe", 2, [StageCosts(1.0, 1.0, 1.0)] * 2)

@@ -11,7 +11,7 @@ import pytest
 from deepspeed.runtime.pipe import schedule as S
 
 from ppllm.ds_compat import BackwardInput, WeightPass, ZBH1Schedule, zb_h1_timeline
-from ppllm.schedule_sim import simulate
+from ppllm.schedule_sim import simulate, time_streams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -146,45 +146,7 @@ def test_metrics_bubble_reports_the_schedule_in_use():
 
 
 def timed(streams, cost, buffered: bool, comm: float = 0.05) -> float:
-    """Step time of the stages' streams with ``cost(stage, instruction)`` seconds of compute each and
-    transfers of ``comm``: ``buffered`` sends return at once (the receive completes when both were
-    posted); otherwise a send and its receive complete together (gloo's blocking p2p)."""
-    p = len(streams)
-    at, t = [0] * p, [0.0] * p
-    posted, count = {}, {}
-    while any(at[s] < len(streams[s]) for s in range(p)):
-        moved = False
-        for s in range(p):
-            if at[s] >= len(streams[s]):
-                continue
-            c = streams[s][at[s]]
-            kind = type(c)
-            if kind in PEER and buffered:
-                n = count[s, kind] = count.get((s, kind), 0) + 1
-                posted[s + PEER[kind][0], PEER[kind][1], n] = t[s]
-                at[s] += 1
-                moved = True
-            elif kind in PEER:
-                o = s + PEER[kind][0]
-                if at[o] < len(streams[o]) and type(streams[o][at[o]]) is PEER[kind][1]:
-                    t[s] = t[o] = max(t[s], t[o]) + comm
-                    at[s] += 1
-                    at[o] += 1
-                    moved = True
-            elif kind in (S.RecvActivation, S.RecvGrad):
-                if buffered:
-                    n = count.get((s, kind), 0) + 1
-                    if (s, kind, n) in posted:
-                        count[s, kind] = n
-                        t[s] = max(t[s], posted[s, kind, n] + comm)
-                        at[s] += 1
-                        moved = True
-            else:
-                t[s] += cost(s, c)
-                at[s] += 1
-                moved = True
-        assert moved, "deadlock"
-    return max(t)
+    return time_streams(streams, cost, comm, blocking=not buffered)
 
 
 @pytest.mark.parametrize("f,b,w", [(1.0, 1.0, 1.0), (1.0, 1.0, 0.6), (1.0, 0.8, 0.5)])
