@@ -35,12 +35,14 @@ def flops_per_token(family, margs, seq_len: int) -> float:
 
 
 def bubble_fraction(pipe: int, micro_batches: int, schedule: str = "1f1b") -> float:
-    """Idle share of the schedule in use with equal F, B and W costs: 1F1B (p - 1) / (m + p - 1); ZB-H1 from
-    ppllm.schedule_sim's timeline (its closed form (p - 1)(F + B - W) / step time for m >= p)."""
-    if schedule == "1f1b":
+    """Idle share of the schedule in use with equal F, B and W costs: 1F1B (p - 1) / (m + p - 1); ZB-H1 as
+    the engine runs it (ppllm.schedule_sim.engine_step_time: its instruction streams, DeepSpeed's transfer
+    order). At p = 2 that is the paper's (p - 1)(F + B - W) per step; deeper, more."""
+    if schedule == "1f1b" or pipe == 1:
         return (pipe - 1) / (micro_batches + pipe - 1)
-    from ppllm.schedule_sim import simulate
-    return simulate(schedule, pipe, micro_batches, 1.0, 1.0, 1.0).bubble
+    from ppllm.schedule_sim import StageCosts, engine_step_time
+    step = engine_step_time(schedule, micro_batches, [StageCosts(1.0, 1.0, 1.0)] * pipe)
+    return 1.0 - 3.0 * micro_batches / step
 
 
 def batch_counts(batches: list | None) -> list[float]:

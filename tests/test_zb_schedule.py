@@ -137,12 +137,18 @@ def test_bounding_deferred_ws_keeps_the_step_time_with_equal_costs():
 
 def test_metrics_bubble_reports_the_schedule_in_use():
     from ppllm.metrics import bubble_fraction
+    from ppllm.schedule_sim import StageCosts, engine_step_time
     assert bubble_fraction(2, 4) == bubble_fraction(2, 4, "1f1b") == 1 / 5
-    for p, m in ((2, 4), (2, 8), (4, 4)):
+    for p, m in ((2, 4), (2, 8)):  # at p = 2 the engine's ZB-H1 is the paper's
         zb = bubble_fraction(p, m, "zb-h1")
         assert zb == pytest.approx(simulate("zb-h1", p, m, 1, 1, 1).bubble)
         # the closed form: (p - 1)(F + B - W) idle per stage in a step of m(F + B + W) + (p - 1)(F + B - W)
         assert zb == pytest.approx((p - 1) / (3 * m + (p - 1)))
+    for p, m in ((4, 4), (8, 16)):  # deeper, the engine's streams (DeepSpeed's transfer order) idle more
+        zb = bubble_fraction(p, m, "zb-h1")
+        step = engine_step_time("zb-h1", m, [StageCosts(1.0, 1.0, 1.0)] * p)
+        assert zb == pytest.approx(1 - 3 * m / step)
+        assert simulate("zb-h1", p, m, 1, 1, 1).bubble < zb < bubble_fraction(p, m, "1f1b")
 
 
 def timed(streams, cost, buffered: bool, comm: float = 0.05) -> float:
