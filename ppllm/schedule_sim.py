@@ -132,18 +132,26 @@ def simulate(schedule: str, p: int, m: int, f, b, w, comm: float = 0.0, w_cap=No
     return Result(schedule, max(free_at), busy, peak, peak_w, timeline)
 
 
-def time_streams(streams: list[list], cost, comm: float = 0.0, blocking: bool = True) -> float:
+def time_streams(streams: list[list], cost, comm: float = 0.0, blocking: bool = True,
+                 done: list[list] | None = None) -> float:
     """Step time of every stage's DeepSpeed instruction stream (``streams[s]``: the stage's instructions
     in order) with ``cost(stage, instruction)`` seconds of compute each and transfers of ``comm``.
     ``blocking``: a send and its receive complete together (gloo's and NCCL's point-to-point as DeepSpeed
     issues them); otherwise a send returns at once and its receive completes ``comm`` after both were
-    posted. ``OptimizerStep`` waits for every stage (the step's gradient norm is reduced across stages)."""
+    posted. ``OptimizerStep`` waits for every stage (the step's gradient norm is reduced across stages).
+    ``done``: if given (one list per stage), each stage's instructions are appended in the order they
+    complete. A deadlock raises RuntimeError."""
     from deepspeed.runtime.pipe import schedule as S
     peer = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
     p = len(streams)
     at, t = [0] * p, [0.0] * p
     posted: dict = {}
     count: dict = {}
+
+    def advance(s: int) -> None:
+        if done is not None:
+            done[s].append(streams[s][at[s]])
+        at[s] += 1
     while any(at[s] < len(streams[s]) for s in range(p)):
         moved = False
         for s in range(p):
@@ -154,14 +162,14 @@ def time_streams(streams: list[list], cost, comm: float = 0.0, blocking: bool = 
             if kind in peer and not blocking:
                 n = count[s, kind] = count.get((s, kind), 0) + 1
                 posted[s + peer[kind][0], peer[kind][1], n] = t[s]
-                at[s] += 1
+                advance(s)
                 moved = True
             elif kind in peer:
                 o = s + peer[kind][0]
                 if at[o] < len(streams[o]) and type(streams[o][at[o]]) is peer[kind][1]:
                     t[s] = t[o] = max(t[s], t[o]) + comm
-                    at[s] += 1
-                    at[o] += 1
+                    advance(s)
+                    advance(o)
                     moved = True
             elif kind in (S.RecvActivation, S.RecvGrad):
                 if not blocking:
@@ -169,21 +177,22 @@ def time_streams(streams: list[list], cost, comm: float = 0.0, blocking: bool = 
                     if (s, kind, n) in posted:
                         count[s, kind] = n
                         t[s] = max(t[s], posted[s, kind, n] + comm)
-                        at[s] += 1
+                        advance(s)
                         moved = True
             elif kind is S.OptimizerStep:
                 if all(at[o] < len(streams[o]) and type(streams[o][at[o]]) is S.OptimizerStep for o in range(p)):
                     start = max(t)
                     for o in range(p):
                         t[o] = start + cost(o, streams[o][at[o]])
-                        at[o] += 1
+                        advance(o)
                     moved = True
             else:
                 t[s] += cost(s, c)
-                at[s] += 1
+                advance(s)
                 moved = True
         if not moved:
-            raise RuntimeError("the instruction streams deadlocked")
+            heads = [streams[s][at[s]] if at[s] < len(streams[s]) else None for s in range(p)]
+            raise RuntimeError(f"the instruction streams deadlocked at {heads}")
     return max(t)
 
 

@@ -78,36 +78,11 @@ def test_transfers_and_fb_order_are_deepspeeds_1f1b(p, m):
             S.TrainSchedule(micro_batches=m, stages=p, stage_id=s).num_pipe_buffers()
 
 
-#: each send instruction: the direction of its peer stage and the receive it pairs with
-PEER = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
-
-
 def run_with_rendezvous(streams) -> list[list]:
     """Execute every stage's stream with blocking sends (a send completes only together with its
     receive); returns the order the operations completed in, or fails on a deadlock."""
-    p = len(streams)
-    at = [0] * p
-    done: list[list] = [[] for _ in range(p)]
-    while any(at[s] < len(streams[s]) for s in range(p)):
-        moved = False
-        for s in range(p):
-            if at[s] >= len(streams[s]):
-                continue
-            c = streams[s][at[s]]
-            if type(c) in PEER:
-                step, want = PEER[type(c)]
-                o = s + step
-                if at[o] < len(streams[o]) and type(streams[o][at[o]]) is want:
-                    done[s].append(c)
-                    done[o].append(streams[o][at[o]])
-                    at[s] += 1
-                    at[o] += 1
-                    moved = True
-            elif type(c) not in (S.RecvActivation, S.RecvGrad):
-                done[s].append(c)
-                at[s] += 1
-                moved = True
-        assert moved, f"deadlock: heads {[streams[s][at[s]] if at[s] < len(streams[s]) else None for s in range(p)]}"
+    done: list[list] = [[] for _ in streams]
+    time_streams(streams, lambda s, c: 0.0, blocking=True, done=done)
     return done
 
 
