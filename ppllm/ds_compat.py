@@ -393,6 +393,8 @@ def load_safely(engine) -> None:
 
 from deepspeed.runtime.pipe import schedule as _ds_schedule  # noqa: E402
 
+ds_schedule = _ds_schedule  # DeepSpeed's pipeline instruction classes (ppllm.schedule_sim times their streams)
+
 
 class BackwardInput(_ds_schedule.BackwardPass):
     """B of micro-batch ``micro_batch``: its backward with the linear weights' gradients queued."""

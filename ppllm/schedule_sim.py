@@ -141,7 +141,7 @@ def time_streams(streams: list[list], cost, comm: float = 0.0, blocking: bool = 
     posted. ``OptimizerStep`` waits for every stage (the step's gradient norm is reduced across stages).
     ``done``: if given (one list per stage), each stage's instructions are appended in the order they
     complete. A deadlock raises RuntimeError."""
-    from deepspeed.runtime.pipe import schedule as S
+    from ppllm.ds_compat import ds_schedule as S
     peer = {S.SendActivation: (1, S.RecvActivation), S.SendGrad: (-1, S.RecvGrad)}
     p = len(streams)
     at, t = [0] * p, [0.0] * p
@@ -214,9 +214,8 @@ def engine_step_time(schedule: str, m: int, stages: list[StageCosts], comm: floa
     streams (``ppllm.ds_compat.ZBH1Schedule``: the same transfers, W's placed in them), for ``len(stages)``
     stages with measured per-stage costs, timed by :func:`time_streams`. Unlike :func:`simulate`, whose
     stages run free, this keeps DeepSpeed's order of sends and receives."""
-    from deepspeed.runtime.pipe import schedule as S
-
     from ppllm.ds_compat import BackwardInput, WeightPass, ZBH1Schedule
+    from ppllm.ds_compat import ds_schedule as S
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     p = len(stages)
