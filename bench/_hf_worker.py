@@ -3,9 +3,10 @@
 Launched by the benchmarks through ``deepspeed --num_gpus N bench/_hf_worker.py ...``.
 Rows come from ppllm's own data pipeline (same files, template, max_seq_len, packing and
 seed), in the order ppllm's StepLoader takes them, so optimizer step k covers the same
-rows as ppllm's step k.  Packed rows go in with their ``position_ids`` (transformers
-then keeps attention inside each document) and labels shifted back to the HF
-convention.  Rank 0 writes the per-step wall times and real-token counts as JSON.
+rows as ppllm's step k.  Packed rows go in with their ``position_ids``, a [1, S, S] boolean
+attention mask that keeps each token inside its own document (causal), as ppllm's attention
+does, and labels shifted back to the HF convention. (Position ids alone do not do that: under
+SDPA transformers then attends across the documents of a row; ``--cross-doc`` measures that.)  Rank 0 writes the per-step wall times and real-token counts as JSON.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--attn", default="sdpa")
+    p.add_argument("--cross-doc", action="store_true", help="no document mask: attention across packed documents")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=None)
     a = p.parse_args()
@@ -55,6 +57,8 @@ def main() -> None:
     rows = rows_in_ppllm_order(a.data, a.tokenizer, a.seq, a.seed, rows_per_step, a.steps)
     ids = torch.from_numpy(rows["input_ids"])
     pos = torch.from_numpy(rows["position_ids"])
+    docs = torch.from_numpy(rows["doc_ids"])
+    causal = torch.ones(a.seq, a.seq, dtype=torch.bool).tril()
     real = (torch.from_numpy(rows["doc_ids"]) >= 0).sum(-1)
     labels = torch.full_like(ids, -100)
     labels[:, 1:] = torch.from_numpy(rows["labels"])[:, :-1]  # ppllm's are already shifted
@@ -94,7 +98,10 @@ def main() -> None:
 
         def __getitem__(self, i):
             j = int(local[i])
-            return {"input_ids": ids[j], "labels": labels[j], "position_ids": pos[j]}
+            row = {"input_ids": ids[j], "labels": labels[j], "position_ids": pos[j]}
+            if not a.cross_doc and a.attn != "flash_attention_2":  # flash-attn 2 splits documents by position ids
+                row["attention_mask"] = ((docs[j][:, None] == docs[j][None, :]) & causal)[None]
+            return row
 
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     if a.from_config:

@@ -4,10 +4,13 @@ One random llama is saved as a HF folder and converted with ``hg_to_pp``; the pi
 layers (``SequentialModel`` over the family's layer list, loaded from the layer files)
 and ``LlamaForCausalLM.from_pretrained`` (SDPA attention) then hold the same fp32
 weights in the same process.  Each repetition runs loss + backward on the same batch
-(one document per row: plain causal attention on both sides), the two models in
-alternating order; the median times are compared.
+(one document per row: plain causal attention on both sides; ``--docs N``: N packed documents per row,
+ppllm with its document ids, transformers with position ids restarting per document), the two models in
+alternating order; the median times are compared. ``--attention`` picks ppllm's backend (blockwise,
+the default, or dense).
 
     python bench/layers_vs_hf.py [--repeats 15] [--hidden 512] [--layers 4] [--seq 512] [--threads 1]
+    python bench/layers_vs_hf.py --hidden 256 --layers 8 --seq 256 --vocab 2000 --docs 4   # vs_zero.py's model and rows
 
 The last line is ``RESULT layers_vs_hf=<hf_time / ppllm_time>`` (> 1: ppllm is faster).
 """
@@ -33,6 +36,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: keep it small)")
+    p.add_argument("--docs", type=int, default=1, help="packed documents per row (equal lengths)")
+    p.add_argument("--attention", default="blockwise", choices=["blockwise", "dense"], help="ppllm's backend")
     a = p.parse_args()
 
     import torch
@@ -53,7 +58,7 @@ def main() -> None:
         cm.hg_to_pp(hf_dir, pp_dir, quiet=True)
 
         family, margs = load_family(pp_dir)
-        ours = SequentialModel(family.build_specs(margs))
+        ours = SequentialModel(family.build_specs(margs, a.attention))
         ours.load_layer_files(pp_dir)
         ours.train()
         loss_fn = family.loss_fn(margs)
@@ -62,8 +67,9 @@ def main() -> None:
 
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, a.vocab, (a.batch, a.seq), generator=g)
-        pos = torch.arange(a.seq).expand(a.batch, a.seq).contiguous()
-        doc = torch.zeros(a.batch, a.seq, dtype=torch.long)
+        doc = (torch.arange(a.seq) * a.docs // a.seq).expand(a.batch, a.seq).contiguous()
+        starts = torch.searchsorted(doc[0], doc[0], right=False)  # first position of each token's document
+        pos = (torch.arange(a.seq) - starts).expand(a.batch, a.seq).contiguous()
         labels = torch.full_like(ids, -100)
         labels[:, :-1] = ids[:, 1:]  # ppllm's rows carry already-shifted labels
 
@@ -75,7 +81,7 @@ def main() -> None:
 
         def step_hf() -> float:
             hf.zero_grad(set_to_none=True)
-            loss = hf(input_ids=ids, labels=ids).loss
+            loss = hf(input_ids=ids, labels=ids, position_ids=pos if a.docs > 1 else None).loss
             loss.backward()
             return float(loss.detach())
 
@@ -84,7 +90,8 @@ def main() -> None:
         g_hf = hf.model.layers[0].mlp.down_proj.weight.grad
         grad_diff = float((g_ours - g_hf).abs().max())
         log(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} x {a.seq}; "
-            f"fp32, {a.threads} thread(s); transformers attention {hf.config._attn_implementation}; {load_note()}")
+            f"{a.docs} document(s) per row; fp32, {a.threads} thread(s); ppllm attention {a.attention}, transformers "
+            f"{hf.config._attn_implementation}; {load_note()}")
         log(f"same weights: loss ppllm {l_ours:.6f} hf {l_hf:.6f}; max |grad diff| layer 0 down_proj {grad_diff:.2e}")
 
         times = {"ppllm": [], "hf": []}

@@ -61,7 +61,7 @@ def test_convert_tiny():
 @pytest.mark.timeout(180)
 def test_layers_vs_hf_tiny():
     r = run_bench(["bench/layers_vs_hf.py", "--repeats", "2", "--warmup", "1", "--hidden", "64", "--layers", "2",
-                   "--seq", "64", "--vocab", "512"], timeout=160)
+                   "--seq", "64", "--vocab", "512", "--docs", "2"], timeout=160)
     assert set(r) == {"layers_vs_hf"} and r["layers_vs_hf"] > 0
 
 
