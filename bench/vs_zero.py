@@ -13,6 +13,10 @@ come from metrics.jsonl, the Trainer's from a callback at every optimizer step.
 vs_zeroN = ppllm tokens/s / Trainer ZeRO-N tokens/s.
 
     python bench/vs_zero.py [--steps 10] [--micro-batches 8] [--hidden 256] [--layers 8]
+    python bench/vs_zero.py --attention dense     # ppllm on SDPA with a [B, 1, S, S] mask instead of blockwise
+    python bench/vs_zero.py --cross-doc           # the Trainer without a document mask (cheaper, not the same attention)
+
+The Trainer keeps attention inside each packed document with a [1, S, S] mask per row, as ppllm does.
 
 The last line is ``RESULT vs_zero1=<ratio> vs_zero3=<ratio>``.
 """
@@ -32,7 +36,7 @@ def hf_run(s: dict, out: str, zero: int, a, world: int = 2) -> dict:
     cmd = ["bench/_hf_worker.py", "--model", s["hf"], "--data", s["data"], "--tokenizer", s["tok"],
            "--seq", str(a.seq), "--seed", "1", "--micro-batch", str(a.micro_batch),
            "--grad-accum", str(a.micro_batches // world), "--steps", str(a.steps), "--zero", str(zero),
-           "--precision", "fp32", "--out", out]
+           "--precision", "fp32", "--out", out] + (["--cross-doc"] if a.cross_doc else [])
     launch(cmd, world, threads=a.threads)
     with open(out) as f:
         return json.load(f)
@@ -50,6 +54,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="alternating ppllm / ZeRO-1 / ZeRO-3 launches; steps pooled")
     p.add_argument("--keep", default=None)
+    p.add_argument("--attention", default="blockwise", choices=["blockwise", "dense"], help="ppllm's attention backend")
+    p.add_argument("--cross-doc", action="store_true", help="the Trainer attends across packed documents (no document mask)")
     a = p.parse_args()
     if a.micro_batches % 2:
         p.error("--micro-batches must be even (split over two data-parallel replicas)")
@@ -71,7 +77,8 @@ def main() -> None:
         for r in range(a.rounds):  # alternate the three, so background load hits all alike
             save = os.path.join(tmp, f"pipe{r}")
             cfg = write_run_config(os.path.join(tmp, f"pipe{r}.yml"), pp_dir=s["pp"], save_path=save, data=s["data"],
-                                   dims=[2, 1], seq=a.seq, mbs=a.micro_batch, gas=a.micro_batches, steps=a.steps)
+                                   dims=[2, 1], seq=a.seq, mbs=a.micro_batch, gas=a.micro_batches, steps=a.steps,
+                                   extra={"attention": a.attention})
             _, wall = launch(["train_pp.py", "--config", cfg, "--quiet"], 2, threads=a.threads)
             mp = read_metrics(save)
             tok_pp = [x["tokens"] for x in mp]
