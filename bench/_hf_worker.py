@@ -6,7 +6,8 @@ seed), in the order ppllm's StepLoader takes them, so optimizer step k covers th
 rows as ppllm's step k.  Packed rows go in with their ``position_ids``, a [1, S, S] boolean
 attention mask that keeps each token inside its own document (causal), as ppllm's attention
 does, and labels shifted back to the HF convention. (Position ids alone do not do that: under
-SDPA transformers then attends across the documents of a row; ``--cross-doc`` measures that.)  Rank 0 writes the per-step wall times and real-token counts as JSON.
+SDPA transformers then attends across the documents of a row; ``--cross-doc`` measures that.)
+Rank 0 writes the per-step wall times and real-token counts as JSON.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def main() -> None:
     pos = torch.from_numpy(rows["position_ids"])
     docs = torch.from_numpy(rows["doc_ids"])
     causal = torch.ones(a.seq, a.seq, dtype=torch.bool).tril()
-    real = (torch.from_numpy(rows["doc_ids"]) >= 0).sum(-1)
+    real = (docs >= 0).sum(-1)
     labels = torch.full_like(ids, -100)
     labels[:, 1:] = torch.from_numpy(rows["labels"])[:, :-1]  # ppllm's are already shifted
     tokens_per_step = real.view(a.steps, rows_per_step).sum(-1).tolist()

@@ -152,6 +152,7 @@ def time_streams(streams: list[list], cost, comm: float = 0.0, blocking: bool = 
         if done is not None:
             done[s].append(streams[s][at[s]])
         at[s] += 1
+
     while any(at[s] < len(streams[s]) for s in range(p)):
         moved = False
         for s in range(p):
@@ -247,6 +248,7 @@ def main(argv=None) -> None:
             e1, ez = engine_step_time("1f1b", m, stages, a.comm), engine_step_time("zb-h1", m, stages, a.comm)
             print(f"{p:<3} {m:<4} {one.step_time:8.2f} {zb.step_time:8.2f} {one.step_time / zb.step_time:8.3f}"
                   f"              {e1:8.2f} {ez:8.2f} {e1 / ez:8.3f}")
+
 
 if __name__ == "__main__":
     main()
