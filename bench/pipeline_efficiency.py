@@ -35,7 +35,9 @@ backward, one process each, fp32 on the CPU) chunked and unchunked, at ``--loss-
 ``--schedule`` runs, for each m of ``--m-list``, one process, pipe=2 under ``schedule: 1f1b`` and pipe=2
 under ``schedule: zb-h1``, alternating within each round, and prints each schedule's speed-up over one
 process, the share of 1F1B's bubble ZB-H1 recovers ((t_1f1b - t_zb) / (t_1f1b - t_single / 2)), and each
-rank's peak resident memory; its last line is ``RESULT zb_speedup_m<m>=... ...``.
+rank's peak resident memory; its last line is ``RESULT speedup_1f1b_m<m>=... speedup_zb_m<m>=... ...``. With
+``--profile`` it also feeds each run's measured per-stage F, B, W costs to ``ppllm.schedule_sim.engine_step_time``,
+prints predicted against measured step times (``sim_error_*``) and predicts p = 4, 8, 16.
 
 The last line is ``RESULT pipeline_efficiency=<fraction> ...``.
 """
@@ -184,7 +186,7 @@ def validate_simulator(a, times: dict, tmp: str) -> list[str]:
     stages, comm = costs["zb-h1", max(a.m_list)]
     first, last = stages
     middle = StageCosts(first.f, first.b, first.w, 0.0, first.end)
-    log(f"predicted deeper pipelines (stages like the measured ones: stage 0, {{p - 2}} x stage 0 without its "
+    log(f"predicted deeper pipelines (stages like the measured ones: stage 0, p - 2 x stage 0 without its "
         f"loading, the head + loss stage; ZB-H1 costs of m={max(a.m_list)}):")
     log("p   m    1F1B s   ZB-H1 ppllm s (vs 1F1B)   ZB-H1 free-running s (vs 1F1B)")
     for p in (4, 8, 16):
